@@ -1,0 +1,16 @@
+import os
+
+import pytest
+import torch
+
+# Tests are CPU-only by default and must not fight over the 2 cores of a CI machine.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
