@@ -6,14 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 CPU_TORCH=${IBOT_CPU_TORCH:-torch==2.13.0}
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     echo "[setup] no torch found: installing $CPU_TORCH (CPU build)"
     "$PY" -m pip install -q "$CPU_TORCH"
 fi
-if ! "$PY" -c "import ibot_fast, mlxtend, pytest, pytest_benchmark, tqdm, matplotlib, PIL" >/dev/null 2>&1 \
-   || [ "$("$PY" -c 'import ibot_fast,os;print(os.path.dirname(os.path.dirname(ibot_fast.__file__)))' 2>/dev/null)" != "$PWD" ]; then
+# Installed already (checked from outside the repo, where the working tree cannot shadow it)?
+if ! (cd / && "$PY" -c "import ibot_fast.kernels, mlxtend, pytest, pytest_benchmark, tqdm, matplotlib, PIL") >/dev/null 2>&1; then
     "$PY" -m pip install -q setuptools wheel
     # --no-build-isolation: build against the torch installed above, never a downloaded one.
     "$PY" -m pip install -q --no-build-isolation -e ".[dev]"

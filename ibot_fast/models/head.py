@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ibot_fast.models.vit import trunc_normal_
+from ibot_fast.models.vit import init_linear
 
 
 class WeightNormLinear(nn.Module):
@@ -85,9 +85,7 @@ class IBOTHead(nn.Module):
     @staticmethod
     def _init_weights(m):
         if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            init_linear(m)
 
     def bottleneck(self, x):
         """L2-normalised bottleneck vectors z = mlp(x) / ||mlp(x)||: [..., D] -> [..., bottleneck].

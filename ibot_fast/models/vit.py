@@ -53,6 +53,13 @@ def trunc_normal_(tensor, std=0.02, a=-2.0, b=2.0):
         return tensor.clamp_(min=a, max=b)
 
 
+def init_linear(m: nn.Linear):
+    """Linear layers of the ViT and the head: trunc-normal(std 0.02) weight, zero bias."""
+    trunc_normal_(m.weight, std=0.02)
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
 def _check_attn_backend(name):
     if name not in ATTN_BACKENDS:
         raise ValueError(f"unknown attn_backend {name!r}; valid: {', '.join(ATTN_BACKENDS)}")
@@ -213,9 +220,7 @@ class VisionTransformer(nn.Module):
         # timm/DINO rule: Linear trunc-normal(0.02) + zero bias; LayerNorm (1, 0); the patch
         # conv keeps PyTorch's default init.
         if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            init_linear(m)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
