@@ -14,7 +14,13 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install -q "$CPU_TORCH"
 fi
 # Installed already (checked from outside the repo, where the working tree cannot shadow it)?
-if ! (cd / && "$PY" -c "import ibot_fast.kernels, mlxtend, pytest, pytest_benchmark, tqdm, matplotlib, PIL") >/dev/null 2>&1; then
+# It must also be *this* checkout: an editable install of another clone would shadow ours.
+if ! (cd / && "$PY" -c "
+import os, sys
+import ibot_fast.kernels, mlxtend, pytest, pytest_benchmark, tqdm, matplotlib, PIL
+here = os.path.realpath(sys.argv[1])
+sys.exit(0 if os.path.realpath(ibot_fast.__file__).startswith(here + os.sep) else 1)
+" "$PWD") >/dev/null 2>&1; then
     "$PY" -m pip install -q setuptools wheel
     # --no-build-isolation: build against the torch installed above, never a downloaded one.
     "$PY" -m pip install -q --no-build-isolation -e ".[dev]"
