@@ -164,23 +164,14 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         _fail(parser, "--global_crops_number must be >= 2 (the [CLS] loss pairs different views)")
     if args.local_crops_number < 0:
         _fail(parser, "--local_crops_number must be >= 0")
-    ratios, vars_ = list(args.pred_ratio), list(args.pred_ratio_var)
-    if len(vars_) == 1 and len(ratios) > 1:
-        vars_ = vars_ * len(ratios)
-    if len(ratios) != len(vars_):
-        _fail(parser, f"--pred_ratio has {len(ratios)} values but --pred_ratio_var has "
-                      f"{len(vars_)}; give one variance or one per ratio")
-    for r, v in zip(ratios, vars_):
-        if not 0 <= r < 1:
-            _fail(parser, f"--pred_ratio {r} is outside [0, 1)")
-        if v < 0 or v > r:
-            _fail(parser, f"--pred_ratio_var {v} must be in [0, pred_ratio={r}] "
-                          f"(a ratio drawn from U(r-var, r+var) must stay >= 0)")
-        if r + v >= 1:
-            _fail(parser, f"--pred_ratio {r} + --pred_ratio_var {v} reaches 1: nothing would "
-                          f"be left visible")
-    if args.pred_start_epoch < 0:
-        _fail(parser, "--pred_start_epoch must be >= 0")
+    # The mask generator owns the masking rules; its ValueError becomes a usage error here.
+    from ibot_fast.masking import MaskGenerator
+    try:
+        MaskGenerator(args.pred_ratio, args.pred_ratio_var, pred_shape=args.pred_shape,
+                      pred_start_epoch=args.pred_start_epoch)
+    except ValueError as err:
+        _fail(parser, f"masking flags: {err} (--pred_ratio / --pred_ratio_var / "
+                      f"--pred_start_epoch)")
     if args.epochs < 1:
         _fail(parser, "--epochs must be >= 1")
     if args.epochs < args.warmup_teacher_temp_epochs + args.pred_start_epoch:
