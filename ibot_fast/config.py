@@ -174,13 +174,15 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
                       f"--pred_start_epoch)")
     if args.epochs < 1:
         _fail(parser, "--epochs must be >= 1")
-    if args.epochs < args.warmup_teacher_temp_epochs + args.pred_start_epoch:
-        _fail(parser, f"--epochs {args.epochs} is shorter than --warmup_teacher_temp_epochs "
-                      f"{args.warmup_teacher_temp_epochs} + --pred_start_epoch "
-                      f"{args.pred_start_epoch}: the teacher temperature schedule would not fit; "
-                      f"lower --warmup_teacher_temp_epochs")
-    if args.warmup_epochs > args.epochs:
-        _fail(parser, f"--warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
+    # The schedules own their length rules (as the mask generator owns the masking rules).
+    from ibot_fast.schedules import cosine_scheduler, teacher_temp_schedule
+    try:
+        teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
+                              args.warmup_teacher_temp_epochs, args.epochs,
+                              start_epoch=args.pred_start_epoch)
+        cosine_scheduler(args.lr, args.min_lr, args.epochs, 1, warmup_epochs=args.warmup_epochs)
+    except ValueError as err:
+        _fail(parser, str(err))
     for name in ("batch_size_per_gpu", "out_dim", "patch_out_dim", "head_hidden_dim",
                  "head_bottleneck_dim", "log_freq"):
         if getattr(args, name) < 1:
