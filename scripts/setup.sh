@@ -17,7 +17,7 @@ fi
 # It must also be *this* checkout: an editable install of another clone would shadow ours.
 if ! (cd / && "$PY" -c "
 import os, sys
-import ibot_fast.kernels, mlxtend, pytest, pytest_benchmark, tqdm, matplotlib, PIL
+import ibot_fast.kernels, mlxtend, pytest, pytest_benchmark, tqdm, matplotlib, PIL, triton, nvidia.dali
 here = os.path.realpath(sys.argv[1])
 sys.exit(0 if os.path.realpath(ibot_fast.__file__).startswith(here + os.sep) else 1)
 " "$PWD") >/dev/null 2>&1; then
