@@ -1,25 +1,39 @@
-"""Benchmark: iBOT block masks in Python (ibot_fast.masking).
+"""Benchmark: iBOT block masks, Python (ibot_fast.masking) vs the C++/CUDA extension.
 
     python -m pytest bench/bench_masking.py --benchmark-only -q
 
 Times one batch of 256 block masks on the 14x14 grid of a 224-px crop (ViT/16), for
-* ``fast``:    ``block_masks`` (int bitboard, what the data loader uses);
+* ``fast``:    ``block_masks`` (int bitboard, what the Python data path uses);
 * ``literal``: ``block_mask_reference``, the line-by-line numpy restatement of the reference
   (upstream's own loop costs about the same: 76 / 139 / 182 us per mask at r = 0.1 / 0.3 / 0.5,
-  reference-semantics.md 5.4),
+  reference-semantics.md 5.4);
+* ``cpp1`` / ``cppN``: the C++ extension (``MaskBatcher(..., "cpp")``, masks only) on one
+  OpenMP thread / on all of ``os.cpu_count()`` threads;
 at the README ViT-S/16 ratios (half the crops r = 0, the rest r ~ U(0.1, 0.5)) and at fixed
-ratios. Benchmarks of one group draw the same masks, so a compiled version added to the group
-later compares like for like. ``extra_info`` reports masks/s and us/mask, plus the per-image
-cost of the README multi-crop (2 x 14x14 + 10 x 6x6 masks) for the data-loader budget.
+ratios. The Python implementations of one group draw the same masks; the C++ ones draw other
+masks of the same distribution (their own random numbers; for ``recipe`` they also draw the
+ratios themselves, from the same preset).
+
+``recipe batch B=128``: what one training step of the README recipe needs, 2 global crops x 128
+images, masks plus the padded masked-token selection (``MaskBatch``): Python generator +
+eager selection (``python``), against ``MaskBatcher.generate`` with ``cpp1`` / ``cppN`` and, on
+a GPU, ``cuda`` (host wall time incl. synchronisation; ``extra_info`` adds the device time
+from CUDA events).
+
+``extra_info`` reports masks/s and us/mask, plus the per-image cost of the README multi-crop
+(2 x 14x14 + 10 x 6x6 masks) for the data-loader budget.
 """
 
+import math
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from ibot_fast.masking import MaskGenerator, block_mask_reference, block_masks
+from ibot_fast.masking import (MaskBatch, MaskBatcher, MaskGenerator, block_mask_reference,
+                               block_masks, extension_available)
 
 N_MASKS = 256
 GRID = 14  # 224 px / 16 px patches
@@ -41,7 +55,20 @@ def _literal_block_masks(n, height, width, ratio, seed):
     return torch.from_numpy(np.stack([block_mask_reference(height, width, r, rng) for r in ratios]))
 
 
+def _cpp_block_masks(n_threads):
+    def run(n, height, width, ratio, seed):
+        gen = (MaskGenerator.from_preset("vit_small_readme") if isinstance(ratio, list)
+               else MaskGenerator(ratio, 0.0))
+        batcher = MaskBatcher(gen, "cpp", seed=seed, n_threads=n_threads)
+        return batcher.generate(torch.arange(n), 0, height, width, 1,
+                                selection=False).masks_CBHW[0]
+    return run
+
+
+ALL_THREADS = os.cpu_count() or 1
 IMPLS = {"fast": block_masks, "literal": _literal_block_masks}
+if extension_available():
+    IMPLS.update(cpp1=_cpp_block_masks(1), cppN=_cpp_block_masks(ALL_THREADS))
 
 
 def _report(benchmark, masks_NHW):
@@ -58,9 +85,78 @@ def test_block_masks_batch(benchmark, impl, ratio_name):
     ratio = RATIOS[ratio_name]
     benchmark.group = f"block masks {N_MASKS}x{GRID}x{GRID} r={ratio_name}"
     masks_NHW = benchmark(IMPLS[impl], N_MASKS, GRID, GRID, ratio, SEED)
-    # Both implementations draw identical masks from the same seed; check once, outside timing.
-    assert torch.equal(masks_NHW, block_masks(N_MASKS, GRID, GRID, ratio, seed=SEED))
+    if impl.startswith("cpp"):  # other random numbers: check the bound, not the bits
+        cap = math.floor((0.5 if isinstance(ratio, list) else ratio) * GRID * GRID)
+        assert masks_NHW.sum(dim=(1, 2)).max() <= cap
+        benchmark.extra_info["threads"] = 1 if impl == "cpp1" else ALL_THREADS
+    else:  # the Python implementations draw identical masks; check once, outside timing
+        assert torch.equal(masks_NHW, block_masks(N_MASKS, GRID, GRID, ratio, seed=SEED))
     _report(benchmark, masks_NHW)
+
+
+RECIPE_B = 128
+
+
+def _python_recipe_batch():
+    gen = MaskGenerator.from_preset("vit_small_readme")
+    K = gen.max_masked(GRID, GRID)
+
+    def run():
+        rng = random.Random(SEED)  # crop-major [2, B] like the collate stacks them
+        masks = np.stack([np.stack([gen(GRID, GRID, rng) for _ in range(RECIPE_B)])
+                          for _ in range(2)])
+        # One torch thread, as inside a DataLoader worker (and "one core" for the comparison).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return MaskBatch.from_masks(torch.from_numpy(masks), K)
+        finally:
+            torch.set_num_threads(threads)
+    return run
+
+
+def _compiled_recipe_batch(backend, n_threads=None):
+    batcher = MaskBatcher(MaskGenerator.from_preset("vit_small_readme"), backend, seed=SEED,
+                          n_threads=n_threads)
+    ids = torch.arange(RECIPE_B, device="cuda" if backend == "cuda" else "cpu")
+    epoch = iter(range(10**9))  # a fresh epoch per call: no two calls draw the same masks
+
+    def run():
+        batch = batcher.generate(ids, next(epoch), GRID, GRID, 2)
+        if backend == "cuda":
+            torch.cuda.synchronize()
+        return batch
+    return run
+
+
+RECIPE_IMPLS = {"python": _python_recipe_batch}
+if extension_available():
+    RECIPE_IMPLS.update(cpp1=lambda: _compiled_recipe_batch("cpp", 1),
+                        cppN=lambda: _compiled_recipe_batch("cpp", ALL_THREADS))
+if extension_available(cuda=True):
+    RECIPE_IMPLS.update(cuda=lambda: _compiled_recipe_batch("cuda"))
+
+
+@pytest.mark.parametrize("impl", list(RECIPE_IMPLS))
+def test_recipe_mask_batch(benchmark, impl):
+    """Masks + padded selection for one README-recipe step (2 global crops x B=128)."""
+    benchmark.group = f"recipe batch B={RECIPE_B} (2x{GRID}x{GRID} + selection)"
+    run = RECIPE_IMPLS[impl]()
+    batch = benchmark(run)
+    assert batch.idx_M.numel() == 2 * RECIPE_B * 98 and int(batch.counts_CB.max()) <= 98
+    _report(benchmark, batch.masks_CBHW.flatten(0, 1))
+    benchmark.extra_info["us_per_batch"] = round(benchmark.stats.stats.mean * 1e6, 1)
+    if impl.startswith("cpp"):
+        benchmark.extra_info["threads"] = 1 if impl == "cpp1" else ALL_THREADS
+    if impl == "cuda":  # device time of the kernels (generation + selection), from the profiler
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(100):
+                run()
+        events = [e for e in prof.key_averages() if "ibot_mask" in e.key]
+        benchmark.extra_info["kernels"] = sorted(e.key for e in events)
+        benchmark.extra_info["device_us_per_batch"] = round(
+            sum(e.device_time_total for e in events) / 100, 2)
 
 
 def test_generator_readme_multicrop(benchmark):

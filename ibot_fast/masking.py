@@ -40,23 +40,52 @@ Presets (``MaskGenerator.from_preset(name)``)
 ``swin_tiny_readme``  as ``vit_small_readme`` plus ``--pred_start_epoch 50`` (README Swin-T/14).
 
 The aspect-ratio range is fixed to ``(0.3, 1/0.3)`` in the reference's ``train_ibot``.
+
+Batches for the fast paths (:class:`MaskBatcher`, :class:`MaskBatch`)
+----------------------------------------------------------------------
+:meth:`MaskBatcher.generate` makes the masks of the global crops of a whole batch plus the
+static-shape selection tensors the fused loss and the fast trainer consume, with one of three
+back ends (``--mask_backend``): ``python`` (the functions above, the reference), ``cpp`` (the
+``ibot_fast._mask_ext`` extension built from ``csrc/``: C++ with OpenMP over masks) and ``cuda``
+(the same extension's kernel, on the GPU from a seed). The C++/CUDA generator runs the algorithm
+above with a different random-number generator, so its masks match the Python ones in
+distribution, not bit for bit (tests/test_mask_ext.py checks the statistics).
+
+Seeds: the mask of crop ``c`` of sample ``i`` in epoch ``e`` is a pure function of
+``(seed, e, i, c)``. ``cpp``/``cuda`` use a Philox4x32-10 stream with key
+``splitmix64(splitmix64(seed) ^ e)`` and counter ``(draw, c, i mod 2^32, i >> 32)``; ``python``
+uses ``random.Random(f"ibot_fast/mask/{seed}/{e}/{i}")`` for the crops of sample ``i`` in order.
+``i`` is the dataset index in the torch data path, so masks do not depend on the number of
+ranks or workers, different images never share a stream, and a resumed run replays them. A
+loader without dataset indices (DALI) must pass ids that are unique within an epoch across
+ranks, e.g. ``(step * world_size + rank) * B + arange(B)``. The CPU result does not depend on
+the thread count; CPU and CUDA draw the same streams (see ``csrc/mask_cuda.cu`` for how closely
+their masks agree).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import numbers
+import os
 import random
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 __all__ = [
     "DEFAULT_ASPECT",
+    "MASK_BACKENDS",
     "PRESETS",
+    "MaskBatch",
+    "MaskBatcher",
     "MaskGenerator",
+    "MaskRequest",
+    "default_mask_backend",
+    "extension_available",
     "block_mask",
     "block_mask_reference",
     "block_masks",
@@ -394,9 +423,12 @@ class MaskGenerator:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def sample_ratio(self, rng: random.Random) -> float:
-        """One crop's target ratio, drawing from ``rng`` exactly as upstream's ``get_pred_ratio``."""
-        if self.epoch < self.pred_start_epoch:
+    def sample_ratio(self, rng: random.Random, epoch: int | None = None) -> float:
+        """One crop's target ratio, drawing from ``rng`` exactly as upstream's ``get_pred_ratio``.
+
+        ``epoch`` overrides ``self.epoch`` (the batch API passes it explicitly, so a generator
+        shared by several producers has no mutable state to race on)."""
+        if (self.epoch if epoch is None else epoch) < self.pred_start_epoch:
             return 0.0
         if isinstance(self.pred_ratio, list):
             # A zero variance uses the mean *without* a draw: skipping or adding a draw here
@@ -406,11 +438,12 @@ class MaskGenerator:
         m, v = self._pairs[0]
         return rng.uniform(m - v, m + v) if v > 0 else m
 
-    def __call__(self, height: int, width: int, rng: random.Random) -> np.ndarray:
+    def __call__(self, height: int, width: int, rng: random.Random,
+                 epoch: int | None = None) -> np.ndarray:
         """The mask of one crop whose patch grid is ``height x width``: bool array [H, W]."""
         _check_grid(height, width)
         _check_rng(rng)
-        ratio = self.sample_ratio(rng)
+        ratio = self.sample_ratio(rng, epoch)
         if self.pred_shape == "block":
             grid = _block_bits(height, width, ratio, rng, *self._log_aspect)
             return _bits_to_numpy([grid], height, width)[0]
@@ -433,3 +466,276 @@ class MaskGenerator:
         return (f"MaskGenerator(pred_ratio={self.pred_ratio!r}, pred_ratio_var={self.pred_ratio_var!r}, "
                 f"pred_aspect_ratio={self.pred_aspect_ratio!r}, pred_shape={self.pred_shape!r}, "
                 f"pred_start_epoch={self.pred_start_epoch}, epoch={self.epoch})")
+
+
+# --------------------------------------------------------------------------------------------
+# the C++/CUDA extension and the batch API
+# --------------------------------------------------------------------------------------------
+
+logger = logging.getLogger(__name__)
+
+MASK_BACKENDS = ("python", "cpp", "cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def _extension():
+    """The compiled ``ibot_fast._mask_ext`` module, or ``None`` (logged once, with the reason)."""
+    if os.environ.get("IBOT_FAST_NO_EXT") == "1":
+        logger.warning("IBOT_FAST_NO_EXT=1: C++/CUDA mask generator disabled; using Python masks")
+        return None
+    try:
+        from ibot_fast import _mask_ext
+    except ImportError as err:
+        logger.warning(
+            "the C++ mask extension ibot_fast._mask_ext is not built (%s); masks fall back to "
+            "the Python generator. Re-run `bash scripts/setup.sh` (or `pip install "
+            "--no-build-isolation -e .`) with a C++ compiler to build it.", err)
+        return None
+    return _mask_ext
+
+
+def extension_available(cuda: bool = False) -> bool:
+    """Whether the compiled mask generator can run (``cuda=True``: its GPU kernel)."""
+    ext = _extension()
+    if ext is None:
+        return False
+    return (not cuda) or (ext.built_with_cuda() and torch.cuda.is_available())
+
+
+def default_mask_backend() -> str:
+    """``'cpp'`` when the extension is built, else ``'python'`` (with a logged warning)."""
+    return "cpp" if extension_available() else "python"
+
+
+def _seed_value(seed) -> int:
+    if seed is None:
+        # One OS seed per batcher: masks still differ per (epoch, sample, crop) within a run.
+        return random.SystemRandom().getrandbits(63)
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
+    return int(seed)
+
+
+class MaskBatch(list):
+    """Masks of the global crops of one batch, plus the static-shape masked-token selection.
+
+    The list items are the per-crop bool masks ``[B, H, W]`` (views of ``masks_CBHW``), so a
+    ``MaskBatch`` is a drop-in for the list of masks the reference's loss and our trainer take
+    (``masks[v]``, ``masks[:ng]``, iteration). The extra attributes, with C = number of global
+    crops, N = H*W tokens per crop, K = ``max_masked`` (static bound per image) and M = C*B*K:
+
+    ``masks_CBHW``  bool [C, B, H, W]; crop-major like the student input ``cat(crops)``.
+    ``idx_M``       int64 [M]: flat indices of the masked tokens into the crop-major patch tokens
+                    of all global crops, i.e. row ``(c*B + b)*N + i*W + j`` of a ``[C*B*N, D]``
+                    view of ``[C*B, N, D]`` (patch tokens only, no [CLS]). Rows ``< n_valid``
+                    are the masked tokens in ascending order (crop, then image, then token);
+                    rows ``>= n_valid`` are padding with index 0 (always a legal gather index).
+    ``valid_M``     bool [M]: ``True`` exactly for the first ``n_valid`` rows.
+    ``weight_M``    float32 [M]: ``1 / (count_cb * B * C)`` for a masked token of image
+                    (c, b) with ``count_cb`` masked tokens, 0 for padding. Then
+                    ``sum_r weight_M[r] * ce[idx_M[r]]`` is exactly the reference's patch loss
+                    before ``lambda2``: per image the mean over its masked tokens, averaged over
+                    all B images (an image without masked tokens contributes 0 but counts in B)
+                    and over the C views. The weights of an image sum to 1/(B*C).
+    ``counts_CB``   int32 [C, B]: masked tokens per image.
+    ``n_valid``     int64 0-dim tensor on the same device (no host sync to read it lazily).
+    ``max_masked``  int K = floor(max(pred_ratio + pred_ratio_var) * H * W), from the
+                    configuration (:meth:`MaskGenerator.max_masked`), so M never changes.
+
+    ``.to(device, non_blocking=...)`` and ``.pin_memory()`` move all of it (the DataLoader's
+    pinning thread calls the latter).
+    """
+
+    _FIELDS = ("masks_CBHW", "idx_M", "valid_M", "weight_M", "counts_CB", "n_valid")
+
+    def __init__(self, masks_CBHW, idx_M, valid_M, weight_M, counts_CB, n_valid, max_masked):
+        super().__init__(masks_CBHW.unbind(0))
+        self.masks_CBHW, self.idx_M, self.valid_M = masks_CBHW, idx_M, valid_M
+        self.weight_M, self.counts_CB, self.n_valid = weight_M, counts_CB, n_valid
+        self.max_masked = int(max_masked)
+
+    @classmethod
+    def from_masks(cls, masks_CBHW: torch.Tensor, max_masked: int) -> "MaskBatch":
+        """The selection tensors of given masks, in eager torch: the reference the compiled
+        selection is tested against, and what the Python back end returns."""
+        if masks_CBHW.dim() != 4 or masks_CBHW.dtype != torch.bool:
+            raise ValueError(f"masks_CBHW must be a bool [C, B, H, W] tensor, got "
+                             f"{masks_CBHW.dtype} {tuple(masks_CBHW.shape)}")
+        C, B, H, W = masks_CBHW.shape
+        N = H * W
+        counts_CB = masks_CBHW.reshape(C, B, N).sum(-1, dtype=torch.int32)
+        if counts_CB.numel() and int(counts_CB.max()) > max_masked:
+            raise ValueError(f"a mask has {int(counts_CB.max())} masked tokens, above "
+                             f"max_masked={max_masked}")
+        M = C * B * max_masked
+        sel = masks_CBHW.reshape(-1).nonzero().squeeze(1)  # ascending flat token index
+        n = sel.numel()
+        w_img = torch.where(counts_CB > 0, 1.0 / (counts_CB.double() * B * C),
+                            torch.zeros((), dtype=torch.float64)).float().reshape(-1)
+        dev = masks_CBHW.device
+        idx_M = torch.zeros(M, dtype=torch.int64, device=dev)
+        valid_M = torch.zeros(M, dtype=torch.bool, device=dev)
+        weight_M = torch.zeros(M, dtype=torch.float32, device=dev)
+        idx_M[:n] = sel
+        valid_M[:n] = True
+        weight_M[:n] = w_img[sel // N]
+        return cls(masks_CBHW, idx_M, valid_M, weight_M, counts_CB,
+                   torch.tensor(n, dtype=torch.int64, device=dev), max_masked)
+
+    def _map(self, fn) -> "MaskBatch":
+        return MaskBatch(*(fn(getattr(self, f)) for f in self._FIELDS), self.max_masked)
+
+    def to(self, *args, **kwargs) -> "MaskBatch":
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def pin_memory(self, device=None) -> "MaskBatch":
+        return self._map(lambda t: t.pin_memory())
+
+    def __reduce__(self):  # pickle the tensors once, not also the per-crop views
+        return (_rebuild_mask_batch, (tuple(getattr(self, f) for f in self._FIELDS),
+                                      self.max_masked))
+
+    def __repr__(self) -> str:
+        C, B, H, W = self.masks_CBHW.shape
+        return (f"MaskBatch(C={C}, B={B}, grid={H}x{W}, max_masked={self.max_masked}, "
+                f"M={self.idx_M.numel()}, device={self.masks_CBHW.device})")
+
+
+def _rebuild_mask_batch(fields, max_masked):
+    return MaskBatch(*fields, max_masked)
+
+
+class MaskRequest:
+    """What a DataLoader worker hands over for ``--mask_backend cuda``: the batch's sample ids
+    and epoch, turned into a :class:`MaskBatch` on the GPU by ``.to(device)`` in the training
+    process (CUDA cannot be used inside forked workers). Costs the training thread two kernel
+    launches and no host sync."""
+
+    def __init__(self, batcher: "MaskBatcher", sample_ids, epoch, height, width, n_crops):
+        self.batcher, self.sample_ids, self.epoch = batcher, sample_ids, epoch
+        self.height, self.width, self.n_crops = height, width, n_crops
+
+    def to(self, device, non_blocking: bool = False) -> MaskBatch:
+        ids = self.sample_ids.to(device, non_blocking=non_blocking)
+        return self.batcher.generate(ids, self.epoch, self.height, self.width, self.n_crops)
+
+    def pin_memory(self, device=None) -> "MaskRequest":
+        return self
+
+    def __iter__(self):
+        raise TypeError("a MaskRequest holds no masks yet: call .to(cuda_device) first "
+                        "(--mask_backend cuda generates them on the GPU)")
+
+
+class MaskBatcher:
+    """Batch API of the mask generator: one :class:`MaskBatch` per batch of global crops.
+
+    Args:
+        generator: the :class:`MaskGenerator` holding the ratio / shape / epoch-gate settings
+            (its ``epoch`` attribute is not used: :meth:`generate` takes the epoch).
+        backend: ``'python'``, ``'cpp'``, ``'cuda'`` or ``None`` (:func:`default_mask_backend`).
+        seed: base seed (int in [0, 2**64)); ``None`` draws one from the OS. See the module
+            docstring for how (seed, epoch, sample id, crop) select a stream.
+        n_threads: OpenMP threads of the ``cpp`` back end; ``None``: one per 1024 masks, at
+            most ``torch.get_num_threads()`` (1 inside DataLoader workers). A recipe batch (256
+            masks) takes ~0.1-0.2 ms on one thread, less than what a parallel region can lose
+            on a busy machine (measured: ms-long stalls with 2 threads on 2 shared cores).
+    """
+
+    def __init__(self, generator: MaskGenerator, backend: Optional[str] = None, seed=None,
+                 n_threads: Optional[int] = None):
+        if not isinstance(generator, MaskGenerator):
+            raise ValueError(f"generator must be a MaskGenerator, got {type(generator).__name__}")
+        backend = default_mask_backend() if backend is None else backend
+        if backend not in MASK_BACKENDS:
+            raise ValueError(f"mask backend must be one of {MASK_BACKENDS}, got {backend!r}")
+        if backend in ("cpp", "cuda") and not extension_available():
+            raise ValueError(f"mask backend {backend!r} needs the C++ extension "
+                             f"ibot_fast._mask_ext, which is not built; use 'python' or "
+                             f"rebuild (bash scripts/setup.sh)")
+        if backend == "cuda" and not _extension().built_with_cuda():
+            raise ValueError("mask backend 'cuda': ibot_fast._mask_ext was built without CUDA "
+                             "(torch had no CUDA at build time); use 'cpp'")
+        if n_threads is not None and (not isinstance(n_threads, numbers.Integral) or n_threads < 1):
+            raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}")
+        if len(generator._pairs) > 8 and backend != "python":
+            raise ValueError(f"the {backend} back end takes at most 8 pred_ratio values, got "
+                             f"{len(generator._pairs)}")
+        self.generator = generator
+        self.backend = backend
+        self.seed = _seed_value(seed)
+        self.n_threads = n_threads
+
+    def max_masked(self, height: int, width: int) -> int:
+        """K, the static per-image bound that sizes the selection tensors."""
+        return self.generator.max_masked(height, width)
+
+    def _check(self, sample_ids, epoch, height, width, n_crops) -> torch.Tensor:
+        _check_grid(height, width)
+        if self.backend != "python" and (height > 64 or width > 64):
+            raise ValueError(f"mask grid {height}x{width}: the {self.backend} back end handles "
+                             f"grids up to 64x64 patches; use --mask_backend python")
+        if not isinstance(n_crops, numbers.Integral) or n_crops < 1:
+            raise ValueError(f"n_crops must be a positive integer, got {n_crops!r}")
+        if not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        ids = torch.as_tensor(sample_ids)
+        if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"sample_ids must be a 1-D integer sequence, got "
+                             f"{ids.dtype} {tuple(ids.shape)}")
+        ids = ids.long()
+        if ids.device.type == "cpu" and ids.numel() and int(ids.min()) < 0:
+            raise ValueError(f"sample_ids must be >= 0, got {int(ids.min())}")
+        return ids
+
+    def request(self, sample_ids, epoch: int, height: int, width: int,
+                n_crops: int = 2) -> MaskRequest:
+        """Deferred :meth:`generate` (for the ``cuda`` back end inside DataLoader workers)."""
+        ids = self._check(sample_ids, epoch, height, width, n_crops)
+        return MaskRequest(self, ids, int(epoch), height, width, n_crops)
+
+    def generate(self, sample_ids, epoch: int, height: int, width: int, n_crops: int = 2,
+                 selection: bool = True) -> MaskBatch:
+        """Masks of ``n_crops`` crops of every sample, on an ``height x width`` patch grid.
+
+        ``sample_ids``: 1-D integers (list or tensor), one per image of the batch: the dataset
+        indices in the torch data path. For ``cuda`` they must be a CUDA tensor (outputs live on
+        its device); ``cpp``/``python`` produce CPU tensors. ``selection=False`` skips the
+        selection tensors (they are then empty; masks and counts only).
+        """
+        ids = self._check(sample_ids, epoch, height, width, n_crops)
+        K = self.max_masked(height, width)
+        gen = self.generator
+        if self.backend == "python":
+            if ids.device.type != "cpu":
+                raise ValueError("the python mask back end takes CPU sample_ids")
+            masks = np.zeros((n_crops, ids.numel(), height, width), dtype=bool)
+            for b, i in enumerate(ids.tolist()):
+                rng = random.Random(f"ibot_fast/mask/{self.seed}/{epoch}/{i}")
+                for c in range(n_crops):
+                    masks[c, b] = gen(height, width, rng, epoch=epoch)
+            masks_CBHW = torch.from_numpy(masks)
+            if selection:
+                return MaskBatch.from_masks(masks_CBHW, K)
+            empty = torch.zeros(0)
+            return MaskBatch(masks_CBHW, empty.long(), empty.bool(), empty.float(),
+                             masks_CBHW.flatten(2).sum(-1, dtype=torch.int32),
+                             torch.zeros((), dtype=torch.int64), K)
+
+        if (self.backend == "cuda") != (ids.device.type == "cuda"):
+            raise ValueError(f"mask backend {self.backend!r} needs sample_ids on "
+                             f"{'a CUDA device' if self.backend == 'cuda' else 'the CPU'}, got "
+                             f"{ids.device}")
+        means = [m for m, _ in gen._pairs]
+        variances = [v for _, v in gen._pairs]
+        log_lo, log_hi = gen._log_aspect
+        n_threads = self.n_threads or max(1, min(torch.get_num_threads(),
+                                                 ids.numel() * n_crops // 1024))
+        out = _extension().mask_batch(
+            ids, self.seed, int(epoch), int(n_crops), int(height), int(width), means, variances,
+            log_lo, log_hi, gen.pred_shape == "rand", epoch >= gen.pred_start_epoch, K,
+            n_threads, bool(selection))
+        return MaskBatch(*out, K)
+
+    def __repr__(self) -> str:
+        return f"MaskBatcher(backend={self.backend!r}, seed={self.seed}, {self.generator!r})"

@@ -1,0 +1,217 @@
+// iBOT block / random masks: one mask from one counter-based random stream.
+//
+// Shared by the C++ generator (mask_cpu.cpp, OpenMP over masks) and the CUDA kernel
+// (mask_cuda.cu, one thread per mask). Plain C++ with <math.h> only: no ATen, no c10, no STL, so
+// nvcc can compile it on a machine without a GPU and both sides run the very same arithmetic.
+//
+// The algorithm is the reference's (bytedance/ibot loader.py, ImageFolderMask; restated in
+// reference-semantics.md 5.4 and in ibot_fast/masking.py:block_mask_reference):
+//   high = ratio * H * W (float budget); low = (min(H, W) / 3)^2
+//   while count < high:
+//     budget = high - count; up to 10 attempts:
+//       area ~ U(low, budget); aspect = exp(U(log a0, log a1))
+//       h = round(sqrt(area * aspect)); w = round(sqrt(area / aspect))    (ties to even)
+//       if w < W and h < H:                                                (strict)
+//         top ~ randint(0, H - h); left ~ randint(0, W - w)                (inclusive)
+//         new = h * w - (already masked cells of the rectangle)
+//         if 0 < new <= budget: mark the rectangle, stop the attempts
+//     ten misses: give up
+// Only the random numbers differ from the Python reference: a Philox4x32-10 stream keyed on
+// (seed, epoch) with the counter (draw, crop, sample id), instead of Python's Mersenne Twister.
+// Each attempt takes one Philox block of four 32-bit words (area, aspect, top, left), so a mask
+// is a pure function of (seed, epoch, sample id, crop): independent of threads, ranks, workers
+// and of the order in which masks are made.
+//
+// Limits: H, W <= 64 (a grid row is one uint64 bit set), at most kMaxPairs ratio pairs.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define IBOT_HD __host__ __device__ __forceinline__
+#else
+#define IBOT_HD inline
+#endif
+
+namespace ibot_mask {
+
+constexpr int kMaxSide = 64;
+constexpr int kMaxPairs = 8;
+constexpr int kAttemptsPerRound = 10;  // BEiT's / the reference's constant
+
+// Everything a mask depends on besides its stream. Plain data: passed by value to the kernel.
+struct Config {
+  int height, width;
+  int n_pairs;                 // (mean, var) pairs of --pred_ratio / --pred_ratio_var
+  double mean[kMaxPairs];
+  double var[kMaxPairs];
+  double log_aspect_lo, log_aspect_hi;
+  int shape_rand;              // 0: 'block', 1: 'rand'
+  int masked_epoch;            // 0 while epoch < pred_start_epoch: every mask is empty
+};
+
+IBOT_HD int popcount64(uint64_t x) {
+#if defined(__CUDA_ARCH__)
+  return __popcll(x);
+#else
+  return __builtin_popcountll(x);
+#endif
+}
+
+// Philox4x32-10 (Salmon et al., SC'11), the generator curand and JAX also use; checked against
+// Random123's known-answer vectors in tests/test_mask_ext.py.
+IBOT_HD void philox4x32_10(const uint32_t ctr_in[4], const uint32_t key_in[2], uint32_t out[4]) {
+  uint32_t c0 = ctr_in[0], c1 = ctr_in[1], c2 = ctr_in[2], c3 = ctr_in[3];
+  uint32_t k0 = key_in[0], k1 = key_in[1];
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = (uint64_t)0xD2511F53u * c0;
+    const uint64_t p1 = (uint64_t)0xCD9E8D57u * c2;
+    const uint32_t hi0 = (uint32_t)(p0 >> 32), lo0 = (uint32_t)p0;
+    const uint32_t hi1 = (uint32_t)(p1 >> 32), lo1 = (uint32_t)p1;
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;  // the key schedule bumps after every round; the last bump is unused
+    k1 += 0xBB67AE85u;
+  }
+  out[0] = c0; out[1] = c1; out[2] = c2; out[3] = c3;
+}
+
+IBOT_HD uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// The stream of one mask. key = mix(seed, epoch); counter = (draw, crop, id_lo, id_hi).
+struct Stream {
+  uint32_t key[2];
+  uint32_t ctr[4];
+
+  IBOT_HD void init(uint64_t seed, int64_t epoch, int64_t sample_id, int crop) {
+    const uint64_t k = splitmix64(splitmix64(seed) ^ (uint64_t)epoch);
+    key[0] = (uint32_t)k;
+    key[1] = (uint32_t)(k >> 32);
+    ctr[0] = 0;
+    ctr[1] = (uint32_t)crop;
+    ctr[2] = (uint32_t)(uint64_t)sample_id;
+    ctr[3] = (uint32_t)((uint64_t)sample_id >> 32);
+  }
+  // Four fresh 32-bit words per call (2^32 calls per mask before the counter wraps).
+  IBOT_HD void next4(uint32_t out[4]) {
+    philox4x32_10(ctr, key, out);
+    ++ctr[0];
+  }
+};
+
+// U[0, 1) with 2^-32 resolution (Python's random() has 2^-53; invisible at these grid sizes).
+IBOT_HD double u01(uint32_t x) { return (double)x * 2.3283064365386962890625e-10; }
+
+// Uniform integer in [0, n] (inclusive, like random.randint(0, n)); bias <= (n+1) / 2^32.
+IBOT_HD int randint_incl(uint32_t x, int n) {
+  return (int)(((uint64_t)x * (uint64_t)(n + 1)) >> 32);
+}
+
+// One crop's ratio, as get_pred_ratio: 0 before pred_start_epoch; otherwise pick a pair
+// uniformly and draw U(mean - var, mean + var) when var > 0, else the mean. (The reference draws
+// every pair's candidate and then chooses; choosing first gives the same distribution.)
+IBOT_HD double sample_ratio(const Config& cfg, Stream& s) {
+  if (!cfg.masked_epoch) return 0.0;
+  uint32_t x[4];
+  s.next4(x);
+  int k = 0;
+  if (cfg.n_pairs > 1) k = randint_incl(x[0], cfg.n_pairs - 1);
+  const double m = cfg.mean[k], v = cfg.var[k];
+  return v > 0 ? (m - v) + 2.0 * v * u01(x[1]) : m;
+}
+
+// Block mask into rows[0..H) (bit j of rows[i] = cell (i, j)). Returns the masked count.
+// rects (optional): the accepted rectangles as (top, left, h, w), at most rect_cap of them.
+IBOT_HD int block_mask_rows(const Config& cfg, double ratio, Stream& s, uint64_t* rows,
+                            int16_t* rects, int rect_cap, int* n_rects) {
+  const int H = cfg.height, W = cfg.width;
+  for (int i = 0; i < H; ++i) rows[i] = 0;
+  if (n_rects) *n_rects = 0;
+  // (ratio * H) * W, left to right like upstream: it can round differently from ratio * (H*W),
+  // and `high` is both the loop bound and the acceptance test.
+  const double high = ratio * H * W;
+  const int side = (H < W ? H : W) / 3;
+  const double low = (double)(side * side);
+  const double span = cfg.log_aspect_hi - cfg.log_aspect_lo;
+  int count = 0;
+  while (count < high) {
+    const double budget = high - count;
+    int delta = 0;
+    for (int attempt = 0; attempt < kAttemptsPerRound; ++attempt) {
+      uint32_t x[4];
+      s.next4(x);
+      // U(low, budget) with budget < low lands between the two, as Python's uniform does.
+      const double area = low + (budget - low) * u01(x[0]);
+      // h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)) with
+      // aspect = exp(t), written as sqrt(area) * exp(t / 2) and sqrt(area) / exp(t / 2): one
+      // sqrt and one exp per attempt instead of two and one (the attempt loop is the whole cost).
+      // The two forms differ by an ulp at most, i.e. only when the product sits on a rounding
+      // tie; rint rounds ties to even, like Python's round.
+      const double root = sqrt(area);
+      const double half_aspect = exp(0.5 * (cfg.log_aspect_lo + span * u01(x[1])));
+      const int h = (int)rint(root * half_aspect);
+      const int w = (int)rint(root / half_aspect);
+      if (w < W && h < H) {
+        if (h == 0 || w == 0) continue;  // adds no cell: rejected (and avoids a 64-bit shift)
+        const int top = randint_incl(x[2], H - h);
+        const int left = randint_incl(x[3], W - w);
+        const uint64_t row_mask = ((1ull << w) - 1ull) << left;
+        int overlap = 0;
+        for (int i = top; i < top + h; ++i) overlap += popcount64(rows[i] & row_mask);
+        const int added = h * w - overlap;
+        if (added > 0 && added <= budget) {
+          for (int i = top; i < top + h; ++i) rows[i] |= row_mask;
+          if (rects && n_rects && *n_rects < rect_cap) {
+            int16_t* r = rects + 4 * (*n_rects);
+            r[0] = (int16_t)top; r[1] = (int16_t)left; r[2] = (int16_t)h; r[3] = (int16_t)w;
+          }
+          if (n_rects) ++*n_rects;
+          delta = added;
+          break;  // the reference stops the attempts once a rectangle added cells
+        }
+      }
+    }
+    if (delta == 0) break;  // ten misses in a row: stop below the target, as upstream does
+    count += delta;
+  }
+  return count;
+}
+
+// Exactly int(ratio * H * W) distinct cells, uniformly (Floyd's sampling over the bit rows).
+IBOT_HD int random_mask_rows(const Config& cfg, double ratio, Stream& s, uint64_t* rows) {
+  const int H = cfg.height, W = cfg.width, n = H * W;
+  for (int i = 0; i < H; ++i) rows[i] = 0;
+  const int k = (int)(ratio * H * W);  // int(high): truncation, like upstream
+  uint32_t x[4];
+  int used = 4;
+  for (int j = n - k; j < n; ++j) {
+    if (used == 4) { s.next4(x); used = 0; }
+    const int t = randint_incl(x[used++], j);
+    const int cell = ((rows[t / W] >> (t % W)) & 1ull) ? j : t;
+    rows[cell / W] |= 1ull << (cell % W);
+  }
+  return k;
+}
+
+// The mask of crop `crop` of sample `sample_id`: ratio draw, then block or random cells.
+IBOT_HD int make_mask(const Config& cfg, uint64_t seed, int64_t epoch, int64_t sample_id,
+                      int crop, uint64_t* rows, int16_t* rects, int rect_cap, int* n_rects) {
+  Stream s;
+  s.init(seed, epoch, sample_id, crop);
+  const double ratio = sample_ratio(cfg, s);
+  if (cfg.shape_rand) {
+    if (n_rects) *n_rects = 0;
+    return random_mask_rows(cfg, ratio, s, rows);
+  }
+  return block_mask_rows(cfg, ratio, s, rows, rects, rect_cap, n_rects);
+}
+
+}  // namespace ibot_mask
