@@ -6,6 +6,11 @@ import torch
 # Tests are CPU-only by default and must not fight over the 2 cores of a CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Triton runs on the CPU only through its interpreter, which reads this variable when triton is
+# first imported (importing torch does not import triton): set it before any test module does.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
