@@ -7,7 +7,10 @@ Each query votes with its k most cosine-similar training features, each vote wei
     python -m ibot_fast.eval.knn --checkpoint output/demo/checkpoint.pth \
         --train_path DIR --val_path DIR [--which teacher|student] [--random_init]
 
-Architecture and crop size are read from the checkpoint's ``args``.
+The checkpoint may be ibot_fast's, the reference's (bytedance/ibot, read through
+``ibot_fast.convert``) or an exported backbone; the architecture comes from its ``args`` or from
+the tensor shapes, the crop size from ``args`` or the position table (``--crop_size`` overrides).
+``--cluster_metrics`` adds NMI/ARI of the head's [CLS] argmax against the val labels.
 """
 from __future__ import annotations
 
@@ -23,14 +26,20 @@ DEFAULT_KS = (10, 20, 100, 200)
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(backbone: nn.Module, loader, device, head: nn.Module | None = None):
+    """L2-normalised final-norm [CLS] features [N, D] and labels [N]; with `head`, also the
+    argmax of the head's [CLS] logits [N] (cluster ids for NMI/ARI), from the same pass."""
     backbone.eval()
-    feats, labels = [], []
+    dtype = next(backbone.parameters()).dtype  # fp64 for verification runs
+    feats, labels, preds = [], [], []
     for images, target in loader:
-        out = backbone(images.to(device), return_all_tokens=False)  # [B, D] final-norm [CLS]
+        out = backbone(images.to(device, dtype), return_all_tokens=False)  # [B, D] normed [CLS]
         feats.append(F.normalize(out.float(), dim=-1).cpu())
         labels.append(torch.as_tensor(target))
-    return torch.cat(feats), torch.cat(labels).long()
+        if head is not None:
+            preds.append(head(out).argmax(-1).cpu())
+    feats, labels = torch.cat(feats), torch.cat(labels).long()
+    return (feats, labels) if head is None else (feats, labels, torch.cat(preds))
 
 
 @torch.no_grad()
@@ -87,6 +96,21 @@ def evaluate_backbones(backbones: dict, train_dir: str, val_dir: str, crop_size:
     return results
 
 
+def evaluate_teacher(backbone: nn.Module, head: nn.Module | None, train_loader, val_loader,
+                     device, ks=DEFAULT_KS, temperature=0.07) -> dict:
+    """k-NN table of `backbone` and, with `head`, NMI/ARI of the head's [CLS] argmax against
+    the labels of the held-out (query) split: {"knn": {k: {top1, top5}}, "nmi", "ari"}."""
+    from ibot_fast.eval.cluster import cluster_metrics
+
+    tr_f, tr_l = extract_features(backbone, train_loader, device)
+    if head is None:
+        va_f, va_l = extract_features(backbone, val_loader, device)
+        return {"knn": knn_table(tr_f, tr_l, va_f, va_l, ks, temperature)}
+    va_f, va_l, va_p = extract_features(backbone, val_loader, device, head)
+    return {"knn": knn_table(tr_f, tr_l, va_f, va_l, ks, temperature),
+            **cluster_metrics(va_l.numpy(), va_p.numpy())}
+
+
 def format_results(results: dict) -> str:
     names = list(results)
     ks = list(next(iter(results.values())))
@@ -124,37 +148,52 @@ def evaluate_run(trainer) -> dict | None:
 
 
 def main(argv=None):
-    from ibot_fast.checkpoint import load_checkpoint, strip_prefix
-    from ibot_fast.models import build_vit
+    from ibot_fast.convert import build_backbone, build_head, load_checkpoint_any
 
     p = argparse.ArgumentParser("ibot_fast.eval.knn", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="ibot_fast or bytedance/ibot checkpoint, or an exported backbone")
     p.add_argument("--train_path", required=True, help="labelled ImageFolder (k-NN memory)")
     p.add_argument("--val_path", required=True, help="labelled ImageFolder (queries)")
     p.add_argument("--which", choices=["teacher", "student"], default="teacher")
     p.add_argument("--random_init", action="store_true",
                    help="also evaluate a randomly initialised network of the same architecture")
+    p.add_argument("--cluster_metrics", action="store_true",
+                   help="also NMI/ARI of the head's [CLS] argmax vs the val labels "
+                        "(needs a checkpoint with the head)")
     p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS))
     p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--crop_size", type=int, default=None,
+                   help="evaluation crop (default: the run's global crop size)")
     p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--trust_pickle", action="store_true",
+                   help="open checkpoints that need weights_only=False (trusted files only)")
     p.add_argument("--output", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
-    state = load_checkpoint(a.checkpoint)
-    run_args = argparse.Namespace(**state["args"])
+    state = load_checkpoint_any(a.checkpoint, a.trust_pickle)
+    backbone, info = build_backbone(state, a.which)
+    run_args = info["args"]
+    crop = a.crop_size or run_args.get("global_crops_size") or info["img_size"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = build_vit(run_args.arch, run_args.patch_size, img_size=run_args.global_crops_size)
-    prefix = "backbone."
-    sd = {k[len(prefix):]: v for k, v in strip_prefix(state[a.which]).items()
-          if k.startswith(prefix)}
-    missing, unexpected = backbone.load_state_dict(sd, strict=False)
-    if [m for m in missing if m != "masked_embed"]:
-        raise SystemExit(f"checkpoint {a.checkpoint!r} lacks backbone weights: {missing[:5]}")
-    backbones = {f"{a.which} (epoch {state['epoch']})": backbone.to(device)}
+    epoch = f" (epoch {info['epoch']})" if info["epoch"] is not None else ""
+    name = f"{a.which}{epoch}"
+    backbones = {name: backbone.to(device)}
     if a.random_init:
-        backbones["random init"] = random_init_backbone(run_args, device)
-    results = evaluate_backbones(backbones, a.train_path, a.val_path, run_args.global_crops_size,
-                                 device, ks=a.k, num_workers=a.num_workers)
+        backbones["random init"] = random_init_backbone(argparse.Namespace(
+            arch=info["arch"], patch_size=info["patch_size"], global_crops_size=info["img_size"],
+            seed=run_args.get("seed", 0)), device)
+    results = evaluate_backbones(backbones, a.train_path, a.val_path, crop, device, ks=a.k,
+                                 num_workers=a.num_workers)
     print(format_results(results))
+    if a.cluster_metrics:
+        head = build_head(state, a.which).to(device)
+        from ibot_fast.eval.cluster import cluster_metrics
+
+        _, val_loader = _loaders(a.train_path, a.val_path, crop, num_workers=a.num_workers)
+        _, va_l, va_p = extract_features(backbone, val_loader, device, head)
+        m = cluster_metrics(va_l.numpy(), va_p.numpy())
+        results[f"{name} clusters"] = {"nmi": m["nmi"], "ari": m["ari"]}
+        print(f"{name}: NMI {m['nmi']:.4f}, ARI {m['ari']:.4f} ([CLS] argmax vs val labels)")
     if a.output:
         with open(a.output, "w") as f:
             json.dump(results, f, indent=1)
