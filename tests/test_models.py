@@ -53,6 +53,7 @@ def test_vit_tiny_token_shapes():
 
 
 @pytest.mark.parametrize("arch,D,depth,heads,count", [
+    ("vit_nano", 128, 4, 4, 917_120),  # ours: the CPU demo's model
     ("vit_tiny", 192, 12, 3, 5_524_416),
     ("vit_small", 384, 12, 6, 21_665_664),
     ("vit_base", 768, 12, 12, 85_798_656),
@@ -77,11 +78,11 @@ def test_vit_small_is_21_7m_params():
 
 
 def test_build_vit_errors():
-    with pytest.raises(ValueError, match="vit_tiny, vit_small, vit_base, vit_large"):
+    with pytest.raises(ValueError, match="vit_nano, vit_tiny, vit_small, vit_base, vit_large"):
         build_vit("vit_huge")
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         build_vit("vit_tiny", patch_size=16, img_size=40)
-    assert set(ARCHS) == {"vit_tiny", "vit_small", "vit_base", "vit_large"}
+    assert set(ARCHS) == {"vit_nano", "vit_tiny", "vit_small", "vit_base", "vit_large"}
     with pytest.raises(ValueError, match="attn_backend"):
         small_vit(attn_backend="flash")
 

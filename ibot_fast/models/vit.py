@@ -28,8 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Attention back ends a block can use. "sdpa" is the fast path; "math" is the explicit
-# softmax(q kᵀ · scale) v reference that every other back end is tested against.
-ATTN_BACKENDS = ("sdpa", "math")
+# softmax(q kᵀ · scale) v reference that every other back end is tested against; xformers, flex
+# and varlen (CUDA) are in models/packed.py, where check_attn_backend says what each needs.
+ATTN_BACKENDS = ("sdpa", "math", "xformers", "flex", "varlen")
 
 
 def trunc_normal_(tensor, std=0.02, a=-2.0, b=2.0):
@@ -135,8 +136,13 @@ class Attention(nn.Module):
         # Back ends share inputs (q, k, v) and output [B, nh, T, dh]; add new ones here.
         if self.attn_backend == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        else:  # "math"
+        elif self.attn_backend == "math":
             o = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1) @ v
+        else:  # xformers | flex | varlen: B sequences of T tokens as one packed stream
+            from ibot_fast.models.packed import packed_attention
+            return self.proj(packed_attention(self.qkv(x).reshape(B * T, 3 * D), ((B, T),),
+                                              self.num_heads, self.scale,
+                                              self.attn_backend).view(B, T, D))
         # [B, nh, T, dh] -> [B, T, nh, dh] -> [B, T, D]
         o = o.transpose(1, 2).reshape(B, T, D)
         return self.proj(o)
@@ -226,7 +232,7 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def set_attn_backend(self, name):
-        """Switch every block's attention back end ("sdpa" or "math")."""
+        """Switch every block's attention back end (one of ATTN_BACKENDS)."""
         self.attn_backend = _check_attn_backend(name)
         for blk in self.blocks:
             blk.attn.attn_backend = name
@@ -334,6 +340,13 @@ class VisionTransformer(nn.Module):
 
 
 # ---------------------------------------------------------------------- factories
+def vit_nano(patch_size=16, **kwargs):
+    """Not in the reference: a 4-block, 128-wide ViT for the 2-core CPU demo, where a
+    vit_tiny step takes seconds and a few minutes buy too few steps to learn anything."""
+    return VisionTransformer(patch_size=patch_size, embed_dim=128, depth=4, num_heads=4,
+                             mlp_ratio=4.0, qkv_bias=True, **kwargs)
+
+
 def vit_tiny(patch_size=16, **kwargs):
     return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=12, num_heads=3,
                              mlp_ratio=4.0, qkv_bias=True, **kwargs)
@@ -354,7 +367,7 @@ def vit_large(patch_size=16, **kwargs):
                              mlp_ratio=4.0, qkv_bias=True, **kwargs)
 
 
-ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base,
+ARCHS = {"vit_nano": vit_nano, "vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base,
          "vit_large": vit_large}
 
 

@@ -1,0 +1,358 @@
+"""The fast training step (``--fast_step true``): the reference step's numbers, less work.
+
+``Trainer.train_step`` (train.py) is the reference path; with ``--fast_step true`` it hands each
+step to :class:`FastStep`, which computes the same loss, gradients, optimiser update, EMA and
+centres (tests/test_fast_step.py compares them flag by flag) with these changes, each behind a
+flag:
+
+* ``--head_tokens selected`` (default; ``all`` is the reference's head on every token): the
+  student head runs on the [CLS] token of every crop and on the masked patch tokens only,
+  gathered with the loader's padded flat indices (``MaskBatch.idx_M``, static shape
+  M = ng·B·max_masked); the teacher's K-way last layer runs on its [CLS] tokens and the same
+  masked positions. The teacher patch centre needs the mean of the teacher logits over *all*
+  patch tokens; the last layer is linear without bias, so ``mean_t(W ẑ_t) = W mean_t(ẑ_t)``
+  (DESIGN.md step 3): the teacher MLP runs on every token (its bottleneck vectors are needed for
+  the mean), the K-way layer on one mean vector. The loss is ``IBOTLoss.forward_selected``
+  (fused ``soft_ce`` on the selected rows).
+* ``--packed_crops true`` (default): masked global crops and local crops go through each
+  student block together as one flat token stream (LayerNorm, linears and MLP once; attention
+  per crop: ``ibot_fast/models/packed.py``); ``false`` runs them in separate passes.
+* ``--attn_backend sdpa|math|xformers|flex|varlen`` (models/packed.py; sdpa is the default and
+  the CPU path; the others fail with a clear message where they cannot run).
+* ``--compile true``: every block is ``torch.compile``d (``dynamic=False``): shapes are static
+  (padded mask indices, drop-path coins drawn outside as inputs), so nothing recompiles after
+  the first step whatever the masks.
+* Drop path: the per-sample coins are drawn before the blocks in the reference's order, so a
+  seeded fast step drops the same samples; ``--drop_path_mode subset`` switches to DINOv2's
+  compute-skipping stochastic depth (branch on a random subset, rescaled: same expectation,
+  fewer FLOPs; not the reference's distribution).
+* The EMA runs over one flat parameter buffer (``ibot_fast.ema.FlatEMA``: a Triton kernel on
+  CUDA, ``lerp_`` otherwise; ``--ema_backend``), optionally writing a bf16 teacher copy used
+  for the teacher forward (``--ema_teacher_bf16 true``, with ``--precision bf16``).
+* AdamW is ``fused=True``; clipping is the per-tensor foreach clip of optim.py; the frozen last
+  layer's gradients are dropped from a precomputed list. No host syncs in the step (the fused
+  loss's torch back end has one ``nonzero``; on CUDA the Triton back end has none).
+
+With ``--fast_step false`` (default) nothing here runs except the attention back end choice,
+which applies to both paths. FSDP2 (``fully_shard``) is not implemented (DDP only).
+
+Shapes: B images per crop, ng global / nl local crops, nc = ng + nl, N (n) patch tokens of a
+global (local) crop, D width, K / K2 head outputs, M = ng·B·max_masked selected patch rows,
+R packed tokens.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ibot_fast.ema import FlatEMA
+from ibot_fast.masking import MaskBatch, MaskGenerator
+from ibot_fast.models.packed import (PackedBlock, check_attn_backend, cls_rows,
+                                     draw_drop_path_coins, draw_subsets, prepare_groups)
+from ibot_fast.optim import clip_gradients_per_tensor, get_params_groups, set_schedules
+
+HEAD_TOKENS = ("selected", "all")
+DROP_PATH_MODES = ("sample", "subset")
+
+
+def patch_token_rows(idx_M: torch.Tensor, n_patches: int) -> torch.Tensor:
+    """Flat patch indices (``MaskBatch.idx_M``: row (c·B+b)·N + i into the patch tokens of all
+    global crops) -> rows of the token stream that also holds each crop's [CLS] first:
+    (c·B+b)·(1+N) + 1 + i = idx + idx // N + 1."""
+    return idx_M + torch.div(idx_M, n_patches, rounding_mode="floor") + 1
+
+
+def _head_logits(head, z_RD: torch.Tensor, n_cls: int):
+    """[CLS] rows first, patch rows after: (cls [n_cls, K], patch [R - n_cls, K2])."""
+    if head.last_layer2 is head.last_layer:  # shared head: one matmul for all rows
+        out = head.last_layer(z_RD)
+        return out[:n_cls], out[n_cls:]
+    return head.last_layer(z_RD[:n_cls]), head.last_layer2(z_RD[n_cls:])
+
+
+class _Blocks:
+    """The blocks of one backbone wrapped for the packed stream (optionally compiled)."""
+
+    def __init__(self, backbone, attn_backend: str, compile_blocks: bool,
+                 compile_backend: str = "inductor"):
+        self.blocks = list(backbone.blocks)
+        self.runners = [PackedBlock(b, attn_backend=attn_backend) for b in self.blocks]
+        if compile_blocks:
+            for r in self.runners:
+                # static shapes: one graph per layout (globals, locals or both packed)
+                r.compile(dynamic=False, backend=compile_backend)
+
+    def run(self, x, layout, coins=None, subsets=None):
+        for i, r in enumerate(self.runners):
+            r.layout = layout
+            x = r(x, None if coins is None else coins[i], None if subsets is None else subsets[i])
+        return x
+
+
+class FastStudent(nn.Module):
+    """The student's forward in the fast step (what DDP wraps when distributed).
+
+    forward(crops, masks, sel_rows=None) with ``crops`` a list of crop-group tensors (masked
+    globals ``[ng·B, C, H, W]``, then locals), ``masks`` per group (``[ng·B, h, w]`` or None):
+
+    * ``sel_rows`` given (selected head): token-stream rows to run the head on ([CLS] of all
+      crops first, ``n_cls`` of them, then the masked patch rows); returns
+      ``(cls logits [nc·B, K], patch logits [M, K2])``.
+    * ``sel_rows`` None (all tokens, the reference's head): returns the per-group head outputs
+      as ``MultiCropWrapper`` gives them (``(cls, patch)`` for globals, ``cls`` for locals).
+    """
+
+    def __init__(self, student, blocks: _Blocks, packed: bool, drop_path_mode: str):
+        super().__init__()
+        self.student = student  # MultiCropWrapper: .backbone, .head
+        self._blocks = blocks   # a plain attribute: the runners are not extra modules here
+        self.packed = packed
+        self.drop_path_mode = drop_path_mode
+
+    def _draws(self, layout, dtype, device):
+        bb = self.student.backbone
+        sizes = [b for b, _ in layout]
+        if not self.student.training:  # the trainer toggles the student, not this wrapper
+            return None, None
+        if self.drop_path_mode == "subset":
+            return None, draw_subsets(bb.blocks, sizes, device)
+        return draw_drop_path_coins(bb.blocks, sizes, dtype, device), None
+
+    def tokens(self, crops, masks):
+        """Backbone before its final norm: (x [R, D], layout)."""
+        bb = self.student.backbone
+        x, layout = prepare_groups(bb, crops, masks)
+        # drop path acts on branch outputs: the autocast dtype under autocast
+        dt = (torch.get_autocast_dtype(x.device.type)
+              if torch.is_autocast_enabled(x.device.type) else x.dtype)
+        coins, subsets = self._draws(layout, dt, x.device)
+        if self.packed:
+            return self._blocks.run(x, layout, coins, subsets), layout
+        outs, start = [], 0
+        for g, (b, t) in enumerate(layout):
+            pick = (lambda d: None if d is None else
+                    [None if blk is None else [[br[g]] for br in blk] for blk in d])
+            outs.append(self._blocks.run(x[start:start + b * t], ((b, t),), pick(coins),
+                                         pick(subsets)))
+            start += b * t
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)), layout
+
+    def forward(self, crops, masks, sel_rows=None, n_cls: int = 0):
+        x, layout = self.tokens(crops, masks)
+        bb, head = self.student.backbone, self.student.head
+        if sel_rows is not None:
+            z = head.bottleneck(bb.norm(x.index_select(0, sel_rows)))
+            return _head_logits(head, z, n_cls)
+        outs, start = [], 0
+        for b, t in layout:
+            y = bb.norm(x[start:start + b * t]).view(b, t, -1)
+            outs.append(head(y))
+            start += b * t
+        return outs
+
+
+class FastStep:
+    """One training iteration of the fast path; called by ``Trainer.train_step``.
+
+    Holds no state of its own that a checkpoint needs: parameters, optimiser, centres and the
+    schedules stay the trainer's (the optimiser is rebuilt fused, with the same state format).
+    """
+
+    def __init__(self, trainer):
+        tr, args = trainer, trainer.args
+        self.tr = tr
+        self.head_tokens = getattr(args, "head_tokens", "selected")
+        self.packed = getattr(args, "packed_crops", True)
+        self.drop_path_mode = getattr(args, "drop_path_mode", "sample")
+        self.compile = getattr(args, "compile", False)
+        attn = getattr(args, "attn_backend", "sdpa")
+        if self.head_tokens not in HEAD_TOKENS:
+            raise ValueError(f"--head_tokens must be one of {HEAD_TOKENS}, got "
+                             f"{self.head_tokens!r}")
+        if self.drop_path_mode not in DROP_PATH_MODES:
+            raise ValueError(f"--drop_path_mode must be one of {DROP_PATH_MODES}, got "
+                             f"{self.drop_path_mode!r}")
+        if self.head_tokens == "selected" and getattr(tr.ibot_loss, "backend", "") == "eager":
+            raise ValueError("--head_tokens selected feeds the fused loss "
+                             "(IBOTLoss.forward_selected); --loss_backend eager is the dense "
+                             "reference loss: use --head_tokens all with it, or auto/torch/triton")
+        check_attn_backend(attn, tr.device, training=True)
+        student, teacher = tr.student_without_ddp, tr.teacher
+        for m in (student, teacher):
+            m.backbone.set_attn_backend(attn)
+        self.ng, self.nl = args.global_crops_number, args.local_crops_number
+
+        # ---- flat EMA (re-homes the parameters into flat buffers; Parameter objects stay) ----
+        bf16_teacher = getattr(args, "ema_teacher_bf16", False)
+        if bf16_teacher and args.precision != "bf16":
+            raise ValueError("--ema_teacher_bf16 true keeps a bf16 teacher copy for a bf16 "
+                             "forward: it needs --precision bf16")
+        self.ema = FlatEMA(student, teacher, backend=getattr(args, "ema_backend", "auto"),
+                           bf16_copy=bf16_teacher)
+
+        # ---- blocks, the student module (DDP-wrapped when distributed) ----
+        # compile_backend: not a flag (inductor); tests of the guards use "aot_eager"
+        cb = getattr(args, "compile_backend", "inductor")
+        self.s_blocks = _Blocks(student.backbone, attn, self.compile, cb)
+        self.t_blocks = _Blocks(teacher.backbone, attn, self.compile, cb)
+        self.fast_student = FastStudent(student, self.s_blocks, self.packed,
+                                        self.drop_path_mode)
+        self.student_fwd = self.fast_student
+        if tr.info.world_size > 1:
+            dev = tr.device
+            self.student_fwd = nn.parallel.DistributedDataParallel(
+                self.fast_student, device_ids=[dev.index] if dev.type == "cuda" else None)
+            tr.student = self.student_fwd  # the reference's DDP wrapper is not used any more
+
+        # ---- optimiser: fused AdamW (same state_dict format as the reference's) ----
+        if args.optimizer == "adamw":
+            tr.optimizer = torch.optim.AdamW(get_params_groups(student), fused=True)
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        self.last_layer_params = [p for n, p in student.named_parameters()
+                                  if "last_layer" in n and p.requires_grad]
+        self._max_masked = MaskGenerator(args.pred_ratio, args.pred_ratio_var,
+                                         pred_shape=args.pred_shape,
+                                         pred_start_epoch=args.pred_start_epoch).max_masked
+
+    # ------------------------------------------------------------------------------------------
+    def _mask_batch(self, masks, B: int) -> MaskBatch:
+        """The loader's MaskBatch (``--mask_backend``), or one built from a list of masks."""
+        if isinstance(masks, MaskBatch):
+            return masks
+        m = torch.stack([mm.reshape(mm.shape[0], *mm.shape[-2:]).bool()
+                         for mm in list(masks)[:self.ng]])
+        if m.shape[1] != B:
+            raise ValueError(f"masks hold {m.shape[1]} images per crop, the crops {B}")
+        return MaskBatch.from_masks(m, self._max_masked(*m.shape[-2:]))
+
+    @torch.no_grad()
+    def teacher_forward(self, globals_, mb: MaskBatch | None):
+        """Teacher on the unmasked global crops.
+
+        Selected head: ``(cls [ng·B, K], patch rows [M, K2], patch mean [K2])``; all tokens:
+        ``(cls, patch [ng·B, N, K2])`` as the reference's teacher output.
+        """
+        teacher = self.tr.teacher
+        if self.ema.teacher_bf16_flat is not None:
+            params = {n: p for n, p in self.ema.bf16_parameters().items()}
+            with torch.nn.utils.stateless._reparametrize_module(teacher, params):
+                return self._teacher_forward(teacher, globals_, mb)
+        return self._teacher_forward(teacher, globals_, mb)
+
+    def _teacher_forward(self, teacher, globals_, mb):
+        bb, head = teacher.backbone, teacher.head
+        x, layout = prepare_groups(bb, [globals_], [None])
+        x = self.t_blocks.run(x, layout)
+        (b, t), = layout
+        y = bb.norm(x).view(b, t, -1)
+        if mb is None:
+            return head(y)
+        z = head.bottleneck(y)                       # [ng·B, 1+N, bottleneck], every token
+        z_patch = z[:, 1:].reshape(-1, z.shape[-1])  # [ng·B·N, bottleneck]
+        cls = head.last_layer(z[:, 0])
+        rows = head.last_layer2(z_patch.index_select(0, mb.idx_M))
+        # centre statistic by linearity: mean over all patch tokens of W ẑ = W (mean ẑ)
+        mean = head.last_layer2(z_patch.mean(0, keepdim=True)).reshape(-1)
+        return cls, rows, mean
+
+    # ------------------------------------------------------------------------------------------
+    def __call__(self, images, masks, epoch: int, it: int) -> dict:
+        tr, args, ng = self.tr, self.tr.args, self.ng
+        set_schedules(tr.optimizer, tr.lr_schedule[it], tr.wd_schedule[it])
+        images = [im.to(tr.device, tr.param_dtype, non_blocking=True) for im in images]
+        masks = (masks.to(tr.device, non_blocking=True) if hasattr(masks, "to")
+                 else [m.to(tr.device, non_blocking=True) for m in masks])
+        B = images[0].shape[0]
+        mb = self._mask_batch(masks, B)
+        skip_mode = tr.on_nan == "skip"
+        if skip_mode:  # the loss updates the centres in its forward: keep them to undo a skip
+            centres = {k: v.clone() for k, v in tr.ibot_loss.state_dict().items()}
+
+        globals_ = images[0] if ng == 1 else torch.cat(images[:ng])
+        crops = [globals_]
+        if len(images) > ng:
+            crops.append(images[ng] if len(images) == ng + 1 else torch.cat(images[ng:]))
+        group_masks = [mb.masks_CBHW.reshape(-1, *mb.masks_CBHW.shape[-2:])] + [None] * (
+            len(crops) - 1)
+        selected = self.head_tokens == "selected"
+        with tr.autocast():
+            if selected:
+                t_cls, t_rows, t_mean = self.teacher_forward(globals_, mb)
+                N = mb.masks_CBHW.shape[-2] * mb.masks_CBHW.shape[-1]
+                # [CLS] rows of every crop group, then the masked patch rows of the globals
+                n_cls = sum(c.shape[0] for c in crops)
+                sel = torch.cat([self._cls_index(crops), patch_token_rows(mb.idx_M, N)])
+                s_cls_all, s_rows = self.student_fwd(crops, group_masks, sel, n_cls)
+                s_cls, s_local = s_cls_all[:ng * B], s_cls_all[ng * B:]
+                terms = tr.ibot_loss.forward_selected(
+                    s_cls, t_cls, s_local if self.nl > 0 else None, s_rows, t_rows,
+                    mb.weight_M, t_mean, epoch)
+            else:
+                t_out = self.teacher_forward(globals_, None)
+                outs = self.student_fwd(crops, group_masks)
+                s_out = outs[0]
+                s_local = outs[1][0] if len(outs) > 1 else None
+                terms = tr.ibot_loss(s_out, t_out, s_local, masks, epoch)
+                t_cls, s_cls = t_out[0], s_out[0]
+        loss = terms["loss"]
+
+        tr.optimizer.zero_grad(set_to_none=True)
+        if tr.scaler is None:
+            loss.backward()
+            norms = (clip_gradients_per_tensor(self.params, args.clip_grad)
+                     if args.clip_grad else None)
+            grads_ok = tr.nonfinite.grads_finite(self.params, norms)
+        else:
+            tr.scaler.scale(loss).backward()
+            if args.clip_grad:
+                tr.scaler.unscale_(tr.optimizer)
+                clip_gradients_per_tensor(self.params, args.clip_grad)
+            grads_ok = None
+        bad = tr.nonfinite.record(it, terms, grads_ok)
+        if skip_mode:
+            where = tr.nonfinite.global_bad_ranks(bad)
+            if where:
+                return tr._skip_step(epoch, it, terms, where, centres)
+        if epoch < args.freeze_last_layer:  # the reference's cancel_gradients_last_layer
+            for p in self.last_layer_params:
+                p.grad = None
+        if tr.scaler is None:
+            tr.optimizer.step()
+        else:
+            tr.scaler.step(tr.optimizer)
+            tr.scaler.update()
+        self.ema(float(tr.momentum_schedule[it]))
+        acc = (t_cls[:B].argmax(-1) == s_cls[B:2 * B].argmax(-1))
+        return {"loss": loss.detach(), "cls": terms["cls"].detach(),
+                "patch": terms["patch"].detach(), "acc": acc.float().mean(), "skipped": False}
+
+    def _cls_index(self, crops):
+        """Rows of the [CLS] tokens in the student's token stream (globals, then locals)."""
+        bb = self.tr.student_without_ddp.backbone
+        p = bb.patch_size
+        layout = tuple((c.shape[0], 1 + (c.shape[-2] // p) * (c.shape[-1] // p)) for c in crops)
+        return cls_rows(layout, crops[0].device)
+
+
+def setup_fast_step(trainer):
+    """Called at the end of ``Trainer.__init__``: applies ``--attn_backend`` to both paths and
+    returns the :class:`FastStep` when ``--fast_step true``, else None."""
+    args = trainer.args
+    if getattr(args, "fast_step", False):
+        return FastStep(trainer)
+    attn = getattr(args, "attn_backend", "sdpa")
+    fast_only = {"compile": False, "drop_path_mode": "sample", "head_tokens": "selected",
+                 "packed_crops": True, "ema_teacher_bf16": False}
+    for name, default in fast_only.items():
+        if getattr(args, name, default) != default:
+            raise ValueError(f"--{name} {getattr(args, name)} is an option of the fast step; "
+                             f"add --fast_step true (or leave --{name} at its default)")
+    if attn != "sdpa":
+        check_attn_backend(attn, trainer.device, training=True)
+        for m in (trainer.student_without_ddp, trainer.teacher):
+            m.backbone.set_attn_backend(attn)
+    return None
+
+
+__all__ = ["FastStep", "FastStudent", "DROP_PATH_MODES", "HEAD_TOKENS", "patch_token_rows",
+           "setup_fast_step"]

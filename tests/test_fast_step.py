@@ -1,0 +1,430 @@
+"""The fast step (``--fast_step true``, ibot_fast/fast_step.py) against the reference step
+(``Trainer.train_step`` with ``--fast_step false``), flag by flag; the pieces it is made of
+(packed blocks, attention back ends, stochastic depth, the flat EMA and its Triton kernel);
+torch.compile without recompiles."""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import pytest
+import torch
+
+from ibot_fast.config import parse_args
+from ibot_fast.ema import EMATeacherUpdate, FlatEMA
+from ibot_fast.fast_step import patch_token_rows
+from ibot_fast.masking import MaskBatch
+from ibot_fast.models import build_ibot_models
+from ibot_fast.models.packed import (PackedBlock, check_attn_backend, draw_subsets,
+                                     packed_attention)
+from ibot_fast.train import Trainer
+
+# vit_nano (4 blocks, width 128), 16-px globals / 8-px locals with 8-px patches (2x2 / 1x1
+# grids), 2 local crops, drop path 0.1 (the coins matter), clipping that bites.
+TINY = ["--arch", "vit_nano", "--patch_size", "8", "--global_crops_size", "16",
+        "--local_crops_size", "8", "--local_crops_number", "2", "--out_dim", "64",
+        "--head_hidden_dim", "32", "--head_bottleneck_dim", "16", "--batch_size_per_gpu", "4",
+        "--warmup_teacher_temp_epochs", "1", "--warmup_epochs", "1", "--num_workers", "0",
+        "--progress", "false", "--log_freq", "1", "--pred_ratio", "0", "0.3",
+        "--pred_ratio_var", "0", "0.2", "--lr", "0.05", "--epochs", "3",
+        "--freeze_last_layer", "1", "--clip_grad", "0.05", "--drop_path", "0.1"]
+
+
+def _args(tmp_path, *extra):
+    return parse_args(TINY + ["--data_path", "synthetic:16", "--output_dir", str(tmp_path),
+                              *extra])
+
+
+def _run(trainer, batches, dtype, steps):
+    """Steps (epoch, it): one in the frozen first epoch, then epoch 1 (lr > 0). Returns the
+    losses, the gradients after each step, and the trainer."""
+    n = trainer.iters_per_epoch
+    out = []
+    for k, (epoch, it) in enumerate([(0, 1), (1, n), (1, n + 1)][:steps]):
+        images, _, masks = batches[k % len(batches)]
+        images = [im.to(dtype) for im in images]
+        torch.manual_seed(100 + k)  # the same drop-path coins on both sides
+        res = trainer.train_step(images, masks, epoch, it)
+        grads = {name: None if p.grad is None else p.grad.clone()
+                 for name, p in trainer.student_without_ddp.named_parameters()}
+        out.append((res, grads))
+    return out
+
+
+_REFERENCE_RUNS: dict = {}  # the reference trajectory of a configuration, computed once
+
+
+def _reference_run(tmp_path, precision, ref_extra, steps, dtype):
+    key = (precision, tuple(ref_extra), steps)
+    if key not in _REFERENCE_RUNS:
+        ref = Trainer(_args(tmp_path / "ref", "--precision", precision, *ref_extra))
+        assert ref.fast_step is None
+        loader = iter(ref.loader)
+        batches = [next(loader) for _ in range(2)]
+        assert all(isinstance(b[2], MaskBatch) for b in batches)
+        _REFERENCE_RUNS[key] = (ref, batches, _run(ref, batches, dtype, steps))
+    return _REFERENCE_RUNS[key]
+
+
+def _compare(tmp_path, extra, ref_extra=(), precision="fp64", steps=3):
+    dtype = torch.float64 if precision == "fp64" else torch.float32
+    ref, batches, r = _reference_run(tmp_path, precision, ref_extra, steps, dtype)
+    fast = Trainer(_args(tmp_path / "fast", "--precision", precision, "--fast_step", "true",
+                         *ref_extra, *extra))
+    assert fast.fast_step is not None
+    f = _run(fast, batches, dtype, steps)
+    if precision == "fp64":
+        tight = params = dict(rtol=1e-9, atol=1e-12)
+    else:  # see test_train: Adam turns last-bit gradient noise into fractions of an lr step
+        tight = dict(rtol=1e-5, atol=1e-6)
+        params = dict(rtol=0, atol=0.02 * float(ref.lr_schedule[ref.iters_per_epoch]))
+    for (rr, rg), (ff, fg) in zip(r, f):
+        for key in ("loss", "cls", "patch", "acc"):
+            torch.testing.assert_close(ff[key], rr[key], **tight, msg=key)
+        for name in rg:
+            assert (rg[name] is None) == (fg[name] is None), name
+            if rg[name] is not None:
+                torch.testing.assert_close(fg[name], rg[name], **tight, msg=f"grad {name}")
+    for (n1, p1), (_, p2) in zip(ref.student_without_ddp.named_parameters(),
+                                 fast.student_without_ddp.named_parameters()):
+        torch.testing.assert_close(p2, p1, **params, msg=f"student {n1}")
+    for (n1, p1), (_, p2) in zip(ref.teacher.named_parameters(), fast.teacher.named_parameters()):
+        torch.testing.assert_close(p2, p1, **params, msg=f"teacher {n1}")
+    for key in ("center", "center2"):
+        torch.testing.assert_close(getattr(fast.ibot_loss, key), getattr(ref.ibot_loss, key),
+                                   **tight, msg=key)
+    # the frozen epoch left the last layer untouched and without optimiser state
+    v = fast.student_without_ddp.head.last_layer.weight_v
+    assert fast.optimizer.state[v]["step"] == steps - 1
+    return ref, fast
+
+
+# ------------------------------------------------------------------ the step, flag by flag
+CPU_FLAGS = list(itertools.product(["true", "false"], ["selected", "all"], ["sdpa", "math"]))
+
+
+@pytest.mark.parametrize("packed, head, attn", CPU_FLAGS)
+def test_fast_step_equals_reference_fp64(tmp_path, packed, head, attn):
+    """Every CPU combination of packing, head rows and attention back end, in fp64 (where
+    the two paths must agree to rounding): losses, every gradient, weights after AdamW, the
+    EMA teacher and both centres, over a frozen-last-layer step and two normal ones."""
+    _compare(tmp_path, ["--packed_crops", packed, "--head_tokens", head,
+                        "--attn_backend", attn, "--ema_backend", "torch"])
+
+
+def test_fast_step_triton_ema_equals_reference(tmp_path):
+    """The flat EMA through the Triton kernel (interpreter on the CPU)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1")
+    _compare(tmp_path, ["--ema_backend", "triton"], steps=2)
+
+
+def test_fast_step_equals_reference_fp32(tmp_path):
+    """The default fast flags in fp32 (losses/centres to 1e-5; weights to 2% of an lr step,
+    the Adam noise floor explained in test_train)."""
+    _compare(tmp_path, [], precision="fp32")
+
+
+@pytest.mark.parametrize("extra", [
+    ["--shared_head", "false"],                       # the reference's default head mix
+    ["--shared_head", "true", "--norm_last_layer", "true"],
+    ["--local_crops_number", "0"],                    # no local crops: one crop group
+    ["--pred_start_epoch", "2"],                      # masks off: no selected patch row
+    ["--pred_ratio", "0.5", "--pred_ratio_var", "0", "--pred_shape", "rand"],
+], ids=["separate-patch-head", "frozen-g", "no-locals", "no-masks", "rand-masks"])
+def test_fast_step_head_and_mask_variants(tmp_path, extra):
+    _compare(tmp_path, [], ref_extra=extra, steps=2)
+
+
+def test_fast_step_plain_mask_list(tmp_path):
+    """A loader without --mask_backend hands over a list of masks; the fast step builds the
+    selection itself."""
+    ref = Trainer(_args(tmp_path / "r", "--precision", "fp64"))
+    fast = Trainer(_args(tmp_path / "f", "--precision", "fp64", "--fast_step", "true"))
+    images, _, masks = next(iter(ref.loader))
+    images = [im.double() for im in images]
+    as_list = [m.clone() for m in masks]
+    torch.manual_seed(0)
+    a = ref.train_step(images, masks, 1, ref.iters_per_epoch)
+    torch.manual_seed(0)
+    b = fast.train_step(images, as_list, 1, ref.iters_per_epoch)
+    torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-9, atol=1e-12)
+
+
+def test_patch_token_rows_by_hand():
+    # N = 4 patches per crop: flat patch index 6 is token 2 of image 1 -> row 1*5 + 1 + 2 = 8
+    idx = torch.tensor([0, 3, 4, 6, 11])
+    assert patch_token_rows(idx, 4).tolist() == [1, 4, 6, 8, 14]
+
+
+# ---------------------------------------------------------------- bad flags fail clearly
+@pytest.mark.parametrize("extra, needle", [
+    (["--compile", "true"], "--fast_step true"),
+    (["--drop_path_mode", "subset"], "--fast_step true"),
+    (["--fast_step", "true", "--ema_teacher_bf16", "true"], "--precision bf16"),
+    (["--fast_step", "true", "--attn_backend", "xformers"], "xformers"),
+    (["--fast_step", "true", "--attn_backend", "varlen"], "CUDA"),
+    (["--fast_step", "true", "--attn_backend", "flex"], "flex"),
+])
+def test_fast_flags_fail_with_message(tmp_path, extra, needle):
+    if torch.cuda.is_available() and "--attn_backend" in extra:
+        pytest.skip("the attention back ends may be available on this machine")
+    with pytest.raises(ValueError, match=needle.replace("-", r"\-")):
+        Trainer(_args(tmp_path, "--precision", "fp32", *extra))
+
+
+def test_bf16_teacher_copy_follows_the_ema(tmp_path):
+    """--ema_teacher_bf16: the EMA pass writes the bf16 copy the teacher forward runs on."""
+    tr = Trainer(_args(tmp_path, "--precision", "bf16", "--fast_step", "true",
+                       "--ema_teacher_bf16", "true", "--ema_backend", "torch"))
+    images, _, masks = next(iter(tr.loader))
+    out = tr.train_step(images, masks, 1, tr.iters_per_epoch)
+    assert torch.isfinite(out["loss"])
+    ema = tr.fast_step.ema
+    assert torch.equal(ema.teacher_bf16_flat, ema.teacher_flat.to(torch.bfloat16))
+    for name, p in ema.bf16_parameters().items():
+        assert torch.equal(p, dict(tr.teacher.named_parameters())[name].to(torch.bfloat16))
+
+
+# ------------------------------------------------------------------- packed blocks, attention
+def _vit(**kw):
+    student, _ = build_ibot_models("vit_nano", 8, img_size=16, out_dim=8, patch_out_dim=8,
+                                   shared_head=True, head_hidden_dim=8, head_bottleneck_dim=4,
+                                   **kw)
+    return student.backbone.double()
+
+
+def test_packed_blocks_equal_separate_passes():
+    """Two crop groups (2x5 and 3x2 tokens) through a packed block equal each group alone
+    through the reference Block.forward."""
+    torch.manual_seed(0)
+    bb = _vit(drop_path=0.0)
+    blk = bb.blocks[1]
+    xs = [torch.randn(2, 5, 128, dtype=torch.float64), torch.randn(3, 2, 128, dtype=torch.float64)]
+    for backend in ("sdpa", "math"):
+        pb = PackedBlock(blk, layout=((2, 5), (3, 2)), attn_backend=backend)
+        got = pb(torch.cat([x.reshape(-1, 128) for x in xs]))
+        want = torch.cat([blk(x).reshape(-1, 128) for x in xs])
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_flex_document_mask_forward_equals_math():
+    """flex_attention's document mask over a packed stream (forward only: no CPU backward)."""
+    torch.manual_seed(0)
+    layout = ((2, 5), (3, 2))
+    qkv = torch.randn(16, 3 * 8)
+    want = packed_attention(qkv, layout, 2, 0.5, "math")
+    try:
+        got = packed_attention(qkv, layout, 2, 0.5, "flex")
+    except Exception as err:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"flex_attention forward unavailable here: {err}")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_check_attn_backend():
+    assert check_attn_backend("sdpa", "cpu") == "sdpa"
+    with pytest.raises(ValueError, match="unknown attn_backend"):
+        check_attn_backend("flash", "cpu")
+    assert check_attn_backend("flex", "cpu", training=False) == "flex"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "xformers", "flex", "varlen"])
+def test_packed_attention_backends_gpu(backend):
+    """Every back end on a packed stream of two crop sizes, forward and backward, against the
+    explicit softmax in fp32 (bf16 back ends: error budget of bf16 rounding)."""
+    try:
+        check_attn_backend(backend, "cuda")
+    except ValueError as err:
+        pytest.skip(str(err))
+    torch.manual_seed(0)
+    layout = ((4, 197), (6, 37))
+    R = sum(b * t for b, t in layout)
+    qkv = torch.randn(R, 3 * 384, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(R, 384, device="cuda", dtype=torch.bfloat16)
+    ref_in = qkv.detach().float().requires_grad_()
+    want = packed_attention(ref_in, layout, 6, 64 ** -0.5, "math")
+    (want * g.float()).sum().backward()
+    got = packed_attention(qkv, layout, 6, 64 ** -0.5, backend)
+    (got.float() * g.float()).sum().backward()
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(qkv.grad.float(), ref_in.grad, rtol=5e-2, atol=5e-2)
+
+
+# ------------------------------------------------------------------------ stochastic depth
+def test_subset_stochastic_depth_expectation_is_exact():
+    """Compute-skipping stochastic depth: averaged over *every* subset of the size drawn, the
+    output equals x + branch(x) (the expectation the flag promises), per group; and each
+    sequence of a subset gets branch / (k/b), the others exactly x."""
+    torch.manual_seed(0)
+    bb = _vit(drop_path=0.5)
+    blk = bb.blocks[3]  # drop rate 0.5 -> subsets of b - floor(b/2)
+    p = blk.drop_path.drop_prob
+    layout = ((4, 5), (3, 2))
+    pb = PackedBlock(blk, layout=layout)
+    x = torch.randn(sum(b * t for b, t in layout), 128, dtype=torch.float64)
+    full = x + pb._attn_branch(x, layout)
+    ks = [b - int(p * b) for b, _ in layout]
+    subsets = [list(itertools.combinations(range(b), k)) for (b, _), k in zip(layout, ks)]
+    total, count = torch.zeros_like(x), 0
+    for combo in itertools.product(*subsets):
+        idx = [torch.tensor(c) for c in combo]
+        y = pb._subset_residual(x, pb._attn_branch, idx)
+        total += y
+        count += 1
+        start = 0
+        for (b, t), c, k in zip(layout, combo, ks):
+            for s in range(b):
+                rows = slice(start + s * t, start + (s + 1) * t)
+                want = (x[rows] + (full[rows] - x[rows]) * (b / k) if s in c else x[rows])
+                torch.testing.assert_close(y[rows], want, rtol=1e-10, atol=1e-12)
+            start += b * t
+    torch.testing.assert_close(total / count, full, rtol=1e-10, atol=1e-12)
+
+
+def test_draw_subsets_sizes_and_uniformity():
+    torch.manual_seed(0)
+    bb = _vit(drop_path=0.4)
+    draws = [draw_subsets(bb.blocks, [10], "cpu")[3][0][0] for _ in range(2000)]
+    assert all(d.numel() == 10 - int(0.4 * 10) and torch.equal(d, d.sort().values.unique())
+               for d in draws)
+    freq = torch.bincount(torch.cat(draws), minlength=10).double() / len(draws)
+    # each index is in a subset with probability 6/10; 5 sigma of 2000 Bernoulli draws
+    assert (freq - 0.6).abs().max() < 5 * math.sqrt(0.24 / 2000)
+
+
+def test_subset_mode_without_drop_path_is_the_reference(tmp_path):
+    """--drop_path_mode subset changes nothing where no block drops (--drop_path 0)."""
+    _compare(tmp_path, ["--drop_path_mode", "subset"], ref_extra=["--drop_path", "0"], steps=2)
+
+
+def test_subset_mode_trains(tmp_path):
+    tr = Trainer(_args(tmp_path, "--precision", "fp32", "--fast_step", "true",
+                       "--drop_path_mode", "subset", "--drop_path", "0.5"))
+    images, _, masks = next(iter(tr.loader))
+    before = tr.student_without_ddp.backbone.blocks[3].mlp.fc1.weight.detach().clone()
+    out = tr.train_step(images, masks, 1, tr.iters_per_epoch)
+    assert torch.isfinite(out["loss"])
+    assert not torch.equal(before, tr.student_without_ddp.backbone.blocks[3].mlp.fc1.weight)
+
+
+# ------------------------------------------------------------------------------ flat EMA
+def _pair(shared_head):
+    torch.manual_seed(0)
+    s, t = build_ibot_models("vit_nano", 8, img_size=16, out_dim=8, patch_out_dim=8,
+                             shared_head=shared_head, head_hidden_dim=8, head_bottleneck_dim=4)
+    with torch.no_grad():  # a student that differs from the teacher
+        for p in s.parameters():
+            p.add_(torch.randn_like(p))
+    return s, t
+
+
+@pytest.mark.parametrize("shared_head", [True, False])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_flat_ema_equals_reference_ema(shared_head, backend):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1" \
+            and not torch.cuda.is_available():
+        pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1")
+    s1, t1 = _pair(shared_head)
+    s2, t2 = _pair(shared_head)
+    ref = EMATeacherUpdate(s1, t1)
+    flat = FlatEMA(s2, t2, backend=backend)
+    # parameters now live in the flat buffers (same Parameter objects, values kept)
+    for (n, p), (_, q) in zip(s1.named_parameters(), s2.named_parameters()):
+        assert torch.equal(p, q), n
+    lo = flat.teacher_flat.data_ptr()
+    hi = lo + flat.teacher_flat.numel() * flat.teacher_flat.element_size()
+    assert all(lo <= p.data_ptr() < hi for p in flat.teacher_params)
+    for m in (0.996, 0.3):  # both lerp formulas (weight below / above 1/2)
+        ref(m)
+        flat(m)
+        for (n, p), (_, q) in zip(t1.named_parameters(), t2.named_parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum", [0.996, 0.25])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_ema_triton_kernel_equals_lerp(dtype, momentum, bf16):
+    """The kernel against torch.lerp_ (n not a multiple of the block; both lerp branches)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1")
+    from ibot_fast.kernels.ema_triton import ema_flat_
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    n = 3 * 1024 + 17
+    t = torch.randn(n, generator=g, dtype=dtype).to(dev)
+    s = torch.randn(n, generator=g, dtype=dtype).to(dev)
+    want = t.clone().lerp_(s, 1 - momentum)
+    t16 = torch.zeros(n, dtype=torch.bfloat16, device=dev) if bf16 else None
+    ema_flat_(t, s, momentum, t16, block=1024)
+    # lerp_ may use an FMA where the kernel rounds twice: one ulp of slack
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(t, want, rtol=2 * eps, atol=2 * eps)
+    if bf16:
+        assert torch.equal(t16, t.to(torch.bfloat16))
+
+
+# ------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow
+def test_compiled_blocks_do_not_recompile(tmp_path):
+    """--compile true (inductor, tiny model): the first step compiles; four more steps with
+    different masks (counts differ, shapes do not) compile nothing new, and the compiled step's
+    loss equals the eager fast step's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    eager = Trainer(_args(tmp_path / "e", "--precision", "fp32", "--fast_step", "true"))
+    comp = Trainer(_args(tmp_path / "c", "--precision", "fp32", "--fast_step", "true",
+                         "--compile", "true"))
+    loader = iter(eager.loader)
+    batches = [next(loader) for _ in range(4)] + [next(iter(eager.loader))]
+    assert len({int(b[2].n_valid) for b in batches}) > 1  # the masks really differ
+    torch._dynamo.reset()
+    counters.clear()
+    n = eager.iters_per_epoch
+    try:
+        for k, (images, _, masks) in enumerate(batches):
+            if k == 1:  # everything compiled in step 0; a recompile now raises
+                torch._dynamo.config.error_on_recompile = True
+                graphs = counters["stats"]["unique_graphs"]
+            torch.manual_seed(k)
+            a = eager.train_step(images, masks, 1, n + k)
+            torch.manual_seed(k)
+            b = comp.train_step(images, masks, 1, n + k)
+            torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-4, atol=1e-5)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert counters["stats"]["unique_graphs"] == graphs > 0
+    assert not counters["recompiles"]
+
+
+# ------------------------------------------------------------------------------ DDP (gloo)
+def _torchrun(nproc, out, batch, tmp_path, *extra):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(nproc), "-m", "ibot_fast.train", *TINY,
+           "--data_path", "synthetic:16", "--output_dir", str(out), "--epochs", "2",
+           "--batch_size_per_gpu", str(batch), "--drop_path", "0", "--precision", "fp64",
+           *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo)
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fast_step_two_process_gloo_equals_reference_one_process(tmp_path):
+    """The fast step under DDP (2 gloo processes x 2 images: its own DDP wrapper around the
+    fast student forward) against the reference step in one process with 4 images."""
+    _torchrun(2, tmp_path / "two", 2, tmp_path, "--fast_step", "true")
+    _torchrun(1, tmp_path / "one", 4, tmp_path)
+    sa = torch.load(tmp_path / "two" / "checkpoint.pth", weights_only=True)
+    sb = torch.load(tmp_path / "one" / "checkpoint.pth", weights_only=True)
+    for key in ("student", "teacher", "ibot_loss"):
+        for k in sa[key]:
+            torch.testing.assert_close(sa[key][k], sb[key][k], rtol=1e-8, atol=1e-10,
+                                       msg=f"{key}.{k}")
