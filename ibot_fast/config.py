@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pred_ratio_var", type=float, nargs="+", default=[0.0])
     g.add_argument("--pred_shape", choices=["block", "rand"], default="block")
     g.add_argument("--pred_start_epoch", type=int, default=0)
+    g.add_argument("--mask_backend", choices=["python", "cpp", "cuda"], default=None,
+                   help="mask generator: python (reference), cpp (C++ extension, in the loader "
+                        "workers), cuda (GPU kernel in the training process); default cpp when "
+                        "ibot_fast._mask_ext is built, else python")
 
     g = p.add_argument_group("crops")
     g.add_argument("--global_crops_number", type=int, default=2)
@@ -109,6 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision; default follows --use_fp16 (fp16 or fp32); "
                         "fp64 runs everything in double, for verification only")
 
+    g = p.add_argument_group("fast step (ibot_fast/fast_step.py; every option has a reference)")
+    g.add_argument("--fast_step", type=_bool, default=False,
+                   help="the fast training step (same numbers as the reference step, tested): "
+                        "selected-token head, packed crops, flat EMA, fused AdamW")
+    g.add_argument("--attn_backend", choices=["sdpa", "math", "xformers", "flex", "varlen"],
+                   default="sdpa", help="attention: sdpa (default, CPU), math (explicit "
+                   "softmax, the reference), xformers / flex / varlen (CUDA)")
+    g.add_argument("--head_tokens", choices=["selected", "all"], default="selected",
+                   help="fast step: head on [CLS] + masked tokens only, or on every token")
+    g.add_argument("--packed_crops", type=_bool, default=True,
+                   help="fast step: global and local crops through each block in one pass")
+    g.add_argument("--compile", type=_bool, default=False,
+                   help="fast step: torch.compile the blocks (static shapes)")
+    g.add_argument("--ema_backend", choices=["auto", "triton", "torch"], default="auto",
+                   help="fast step: flat-buffer EMA kernel (triton on CUDA) or lerp_")
+    g.add_argument("--ema_teacher_bf16", type=_bool, default=False,
+                   help="fast step: the EMA also writes a bf16 teacher copy for the teacher "
+                        "forward (needs --precision bf16)")
+    g.add_argument("--drop_path_mode", choices=["sample", "subset"], default="sample",
+                   help="fast step: per-sample drop path (reference) or DINOv2's "
+                        "compute-skipping batch-subset residual (same expectation)")
+
     g = p.add_argument_group("data and run")
     g.add_argument("--data_path", default=None,
                    help="ImageFolder root (class sub-folders), 'mnist_5k' for the embedded "
@@ -121,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load_from", default=None,
                    help="checkpoint to resume from (relative paths are under output_dir)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num_workers", type=int, default=10)
+    g.add_argument("--num_workers", type=int, default=10,
+                   help="DataLoader workers (torch data back end) or DALI CPU threads (dali)")
+    g.add_argument("--data_backend", choices=["auto", "dali", "torch"], default="auto",
+                   help="dali: decode + augment with NVIDIA DALI (on the GPU when training on "
+                        "one); torch: PIL in DataLoader workers; auto: dali on a GPU when DALI "
+                        "is installed (pip install ibot_fast[dali]), torch otherwise")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--deterministic", type=_bool, default=False,
                    help="deterministic algorithms (slower; used by the resume tests)")
@@ -129,12 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_steps_per_epoch", type=int, default=0,
                    help="stop each epoch after N steps (0: full epoch); for smoke tests")
     g.add_argument("--progress", type=_bool, default=True, help="progress bar on rank 0")
+    g.add_argument("--on_nan", choices=["stop", "skip"], default="stop",
+                   help="a non-finite loss or gradient: 'stop' (exit code 3 at the next "
+                        "--log_freq sync, naming the step; no checkpoint of it is written) or "
+                        "'skip' (that step changes nothing, on every rank; costs one host sync "
+                        "per step)")
+    g.add_argument("--keep_checkpoints", type=int, default=2,
+                   help="keep checkpoint.pth and its K-1 predecessors (checkpoint.1.pth, ...); "
+                        "a corrupt newest one falls back to the previous on resume")
     g.add_argument("--knn_eval", type=_bool, default=False,
                    help="k-NN evaluation of the teacher (and of the random init) at the end")
     g.add_argument("--knn_train_path", default=None,
                    help="labelled ImageFolder for the k-NN memory (default: data_path)")
     g.add_argument("--knn_val_path", default=None,
                    help="held-out labelled ImageFolder for the k-NN queries")
+    g.add_argument("--knn_every", type=int, default=0,
+                   help="every N epochs: teacher k-NN + NMI/ARI on the k-NN folders, one line "
+                        "in output_dir/knn.jsonl (0: never)")
+    g.add_argument("--tensorboard", type=_bool, default=False,
+                   help="also write the scalars to output_dir/tf_logs (needs tensorboard)")
     return p
 
 
@@ -172,6 +216,17 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
     except ValueError as err:
         _fail(parser, f"masking flags: {err} (--pred_ratio / --pred_ratio_var / "
                       f"--pred_start_epoch)")
+    from ibot_fast.masking import default_mask_backend, extension_available
+    if args.mask_backend is None:
+        args.mask_backend = default_mask_backend()  # logs why when it falls back to python
+    elif args.mask_backend != "python" and not extension_available(args.mask_backend == "cuda"):
+        need = " built with CUDA, and a GPU" if args.mask_backend == "cuda" else ""
+        _fail(parser, f"--mask_backend {args.mask_backend} needs the C++ extension "
+                      f"ibot_fast._mask_ext{need}, which is not available; use --mask_backend "
+                      f"python or rebuild it (bash scripts/setup.sh)")
+    if args.mask_backend == "cuda" and args.device == "cpu":
+        _fail(parser, "--mask_backend cuda generates masks on the GPU; it cannot run with "
+                      "--device cpu")
     if args.epochs < 1:
         _fail(parser, "--epochs must be >= 1")
     # The schedules own their length rules (as the mask generator owns the masking rules).
@@ -195,6 +250,10 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         _fail(parser, "--momentum_teacher must be in [0, 1]")
     if not 0 <= args.drop_path < 1:
         _fail(parser, "--drop_path must be in [0, 1)")
+    if args.keep_checkpoints < 1:
+        _fail(parser, "--keep_checkpoints must be >= 1 (checkpoint.pth itself)")
+    if args.knn_every < 0:
+        _fail(parser, "--knn_every must be >= 0 (0: no periodic k-NN)")
     if args.clip_grad < 0 or args.num_workers < 0 or args.max_steps_per_epoch < 0:
         _fail(parser, "--clip_grad, --num_workers and --max_steps_per_epoch must be >= 0")
     if not all(math.isfinite(x) for x in (args.lr, args.min_lr, args.weight_decay,

@@ -287,4 +287,5 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     assert "loss is nan" in str(exc.value) and "checkpoint.pth" in str(exc.value)
     after = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert after["epoch"] == good["epoch"] == 2
-    assert (tmp_path / "checkpoint_nonfinite.pth").is_file()
+    assert exc.value.code == 3  # EXIT_NONFINITE
+    assert not list(tmp_path.glob("*nonfinite*"))  # a non-finite state is never written

@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset, default_collate
 
 from ibot_fast.data.transforms import global_python_rng
+from ibot_fast.masking import MaskBatch, MaskBatcher
 
 logger = logging.getLogger(__name__)
 
@@ -97,18 +98,24 @@ class ImageFolderMask(Dataset):
       seed: None -> global RNGs (reference behaviour); an int -> each sample uses its own
         `random.Random` keyed on (seed, epoch, index), so data are reproducible whatever the
         number of workers.
+      mask_backend: None -> masks as above, collated into a plain list (any mask_generator).
+        'python' | 'cpp' | 'cuda' (needs a `MaskGenerator`) -> the collate returns a
+        `MaskBatch` (masks + padded masked-token selection, ibot_fast.masking). 'python' draws
+        the masks in `__getitem__` exactly as with None; 'cpp' draws the whole batch in the
+        collate (C++ extension, keyed on (seed, epoch, index, crop)); 'cuda' makes the collate
+        return a `MaskRequest` that `.to(cuda)` turns into a MaskBatch on the GPU.
     """
 
     def __init__(self, root, transform: Callable, patch_size: int, mask_generator: Callable,
                  num_masked_crops: int = 2, max_bad_retries: int = 100, skip_bad: bool = True,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, mask_backend: Optional[str] = None):
         self.root = os.fspath(root)
         self.samples, self.classes = list_image_folder(self.root)
         self._setup(transform, patch_size, mask_generator, num_masked_crops, max_bad_retries,
-                    skip_bad, seed)
+                    skip_bad, seed, mask_backend)
 
     def _setup(self, transform, patch_size, mask_generator, num_masked_crops, max_bad_retries,
-               skip_bad, seed):
+               skip_bad, seed, mask_backend=None):
         if patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
         self.transform = transform
@@ -118,6 +125,9 @@ class ImageFolderMask(Dataset):
         self.max_bad_retries = max_bad_retries
         self.skip_bad = skip_bad
         self.seed = seed
+        # The batch API (ibot_fast.masking.MaskBatcher) used by the collate; None: plain lists.
+        self.mask_batcher = (None if mask_backend is None
+                             else MaskBatcher(mask_generator, mask_backend, seed=seed))
         self.targets = [label for _, label in self.samples]
         self.bad_paths: list[str] = []
         self._bad_set: set[str] = set()
@@ -208,6 +218,11 @@ class ImageFolderMask(Dataset):
         img, label = self._load_good(idx)
         crops = self.transform(img) if rng is None else self.transform(img, rng=rng)
 
+        if self.mask_batcher is not None and self.mask_batcher.backend != "python":
+            # The collate draws the whole batch at once from (seed, epoch, index, crop).
+            H, W = crops[0].shape[-2] // self.patch_size, crops[0].shape[-1] // self.patch_size
+            return crops, label, DeferredMasks(idx, epoch, H, W, self.num_masked_crops)
+
         mask_rng = global_python_rng() if rng is None else rng
         masks = []
         for crop in crops[: self.num_masked_crops]:
@@ -231,7 +246,8 @@ class SyntheticImageDataset(ImageFolderMask):
 
     def __init__(self, num_samples: int, num_classes: int = 10, image_size: int = 64, *,
                  transform: Callable, patch_size: int, mask_generator: Callable,
-                 num_masked_crops: int = 2, seed: Optional[int] = None, data_seed: int = 0):
+                 num_masked_crops: int = 2, seed: Optional[int] = None, data_seed: int = 0,
+                 mask_backend: Optional[str] = None):
         if num_samples < 1 or num_classes < 1 or image_size < 4:
             raise ValueError(f"need num_samples >= 1, num_classes >= 1, image_size >= 4; got "
                              f"{num_samples}, {num_classes}, {image_size}")
@@ -241,7 +257,7 @@ class SyntheticImageDataset(ImageFolderMask):
         self.classes = [str(c) for c in range(num_classes)]
         self.samples = [(f"synthetic:{i}", i % num_classes) for i in range(num_samples)]
         self._setup(transform, patch_size, mask_generator, num_masked_crops,
-                    max_bad_retries=0, skip_bad=False, seed=seed)
+                    max_bad_retries=0, skip_bad=False, seed=seed, mask_backend=mask_backend)
 
     def load_sample(self, idx: int) -> tuple[Image.Image, int]:
         label = idx % self.num_classes
@@ -268,23 +284,48 @@ class SyntheticImageDataset(ImageFolderMask):
         return img, label
 
 
-def collate_multicrop(batch):
+class DeferredMasks(tuple):
+    """A sample's masks left to the collate: (index, epoch, height, width, n_crops)."""
+
+    def __new__(cls, index, epoch, height, width, n_crops):
+        return super().__new__(cls, (index, epoch, height, width, n_crops))
+
+
+def collate_multicrop(batch, mask_batcher: Optional[MaskBatcher] = None):
     """[(crops, label, masks)] * B -> (crops, labels, masks), crop-major.
 
     crops: one [B, 3, S, S] tensor per crop; labels: LongTensor [B]; masks: one bool [B, H, W]
-    tensor per masked crop.
+    tensor per masked crop -- a plain list without `mask_batcher`, else a `MaskBatch` (a list
+    of the same tensors plus the padded masked-token selection), or a `MaskRequest` for the
+    cuda back end (see ImageFolderMask's `mask_backend`).
 
     Crop-major, like default_collate of the reference's tuples. `default_collate` is used per
     crop because inside a worker it stacks straight into shared memory (no extra copy on the way
     to the main process).
     """
-    n_crops, n_masks = len(batch[0][0]), len(batch[0][2])
+    n_crops = len(batch[0][0])
+    deferred = isinstance(batch[0][2], DeferredMasks)
+    n_masks = batch[0][2][4] if deferred else len(batch[0][2])
     for crops, _, masks in batch:
-        if len(crops) != n_crops or len(masks) != n_masks:
+        if (len(crops) != n_crops or isinstance(masks, DeferredMasks) != deferred
+                or (not deferred and len(masks) != n_masks)):
             raise ValueError(f"samples in a batch disagree on crop/mask counts: "
                              f"{n_crops}/{n_masks} vs {len(crops)}/{len(masks)}")
     crops = [default_collate([sample[0][k] for sample in batch]) for k in range(n_crops)]
     labels = torch.tensor([sample[1] for sample in batch], dtype=torch.long)
+    if deferred:
+        if mask_batcher is None:
+            raise ValueError("samples defer their masks to the collate, but no mask_batcher "
+                             "was given (use the dataset's: dataset.mask_batcher)")
+        _, epoch, H, W, _ = batch[0][2]
+        ids = torch.tensor([sample[2][0] for sample in batch], dtype=torch.long)
+        if mask_batcher.backend == "cuda":  # no CUDA in DataLoader workers: the trainer makes them
+            return crops, labels, mask_batcher.request(ids, epoch, H, W, n_masks)
+        return crops, labels, mask_batcher.generate(ids, epoch, H, W, n_masks)
     masks = [default_collate([torch.as_tensor(sample[2][k], dtype=torch.bool) for sample in batch])
              for k in range(n_masks)]
+    if mask_batcher is not None and masks:
+        masks_CBHW = torch.stack(masks)
+        return crops, labels, MaskBatch.from_masks(
+            masks_CBHW, mask_batcher.max_masked(*masks_CBHW.shape[-2:]))
     return crops, labels, masks

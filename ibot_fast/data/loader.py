@@ -9,6 +9,7 @@ its epoch in shared memory.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from typing import Optional
@@ -16,10 +17,11 @@ from typing import Optional
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from ibot_fast.data.dataset import _BAD_IMAGE_ERRORS, collate_multicrop, list_image_folder
 from ibot_fast.data.transforms import to_tensor_normalize
+from ibot_fast.reliability import ResumableDistributedSampler
 
 
 def seed_worker(worker_id: int) -> None:
@@ -52,8 +54,9 @@ def build_pretrain_loader(dataset: Dataset, batch_size_per_gpu: int, num_workers
         raise ValueError(f"batch_size_per_gpu must be >= 1, got {batch_size_per_gpu}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=seed)
+    # DistributedSampler that can also start mid-epoch (resume from a preemption checkpoint)
+    sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                          shuffle=True, seed=seed)
     if drop_last and sampler.num_samples < batch_size_per_gpu:
         raise ValueError(
             f"the dataset has {len(dataset)} images, which gives {sampler.num_samples} per rank "
@@ -70,7 +73,10 @@ def build_pretrain_loader(dataset: Dataset, batch_size_per_gpu: int, num_workers
     generator = torch.Generator()
     generator.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
     return DataLoader(dataset, batch_size=batch_size_per_gpu, sampler=sampler,
-                      num_workers=num_workers, collate_fn=collate_multicrop,
+                      num_workers=num_workers,
+                      # masks -> MaskBatch (batch API) when the dataset has a mask_backend
+                      collate_fn=functools.partial(
+                          collate_multicrop, mask_batcher=getattr(dataset, "mask_batcher", None)),
                       pin_memory=pin_memory, drop_last=drop_last, worker_init_fn=seed_worker,
                       generator=generator, **extra)
 
