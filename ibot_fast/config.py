@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop_path_mode", choices=["sample", "subset"], default="sample",
                    help="fast step: per-sample drop path (reference) or DINOv2's "
                         "compute-skipping batch-subset residual (same expectation)")
+    g.add_argument("--fsdp", type=_bool, default=False,
+                   help="fast step: FSDP2 (fully_shard per block, then the whole student; the "
+                        "teacher sharded the same way) instead of DDP; full-state checkpoints "
+                        "interchangeable with DDP ones")
 
     g = p.add_argument_group("data and run")
     g.add_argument("--data_path", default=None,

@@ -180,15 +180,22 @@ def _chunk_terms(s_CK, tt_CPK, w_CP, c_K, tau_s, tau_t, need_grad):
 
 
 def _soft_ce_torch(student_MK, teacher_TK, partner_MP, weight_MP, center_K, tau_s, tau_t,
-                   need_grad, chunk_rows=None):
+                   need_grad, chunk_rows=None, grad_out=None):
+    """``grad_out``: write the gradient there (``inplace_grad``: the student tensor itself).
+    Safe because every chunk copies its student rows (``index_select``) before its gradient
+    rows are written back, chunks are disjoint, and rows without a pair are zeroed last."""
     cdt = _compute_dtype(student_MK, teacher_TK, center_K)
     M, K = student_MK.shape
     P = partner_MP.shape[1]
     chunk = chunk_rows or _default_chunk_rows(K * P)
-    grad = torch.zeros_like(student_MK, memory_format=torch.contiguous_format) \
-        if need_grad else None
     live_MP = weight_MP != 0
-    rows = torch.nonzero(live_MP.any(dim=1)).squeeze(1)  # the masked rows (host sync on CUDA)
+    live_M = live_MP.any(dim=1)
+    if grad_out is not None:
+        grad = grad_out
+    else:
+        grad = torch.zeros_like(student_MK, memory_format=torch.contiguous_format) \
+            if need_grad else None
+    rows = torch.nonzero(live_M).squeeze(1)  # the masked rows (host sync on CUDA)
     partner_MP = torch.where(live_MP, partner_MP, torch.zeros_like(partner_MP))
     c_K = center_K.reshape(-1).to(cdt)
     w_MP = weight_MP.to(cdt)
@@ -204,6 +211,8 @@ def _soft_ce_torch(student_MK, teacher_TK, partner_MP, weight_MP, center_K, tau_
         total += loss
         if need_grad:
             grad.index_copy_(0, r, g.to(grad.dtype))
+    if grad_out is not None:
+        grad.masked_fill_(~live_M[:, None], 0)  # after every read of the student rows
     return total, grad
 
 
@@ -244,16 +253,24 @@ class _SoftCE(torch.autograd.Function):
     def forward(ctx, student_MK, teacher_TK, partner_MP, weight_MP, center_K, student_temp,
                 teacher_temp, backend, opts):
         need_grad = ctx.needs_input_grad[0]
+        # inplace_grad: the gradient is written into the student's own storage. ``detach()``
+        # shares storage *and* version counter, so the write bumps the student's version and
+        # any op that saved the student tensor for its backward fails torch's usual in-place
+        # check instead of reading the gradient as if it were logits. Without a gradient to
+        # compute (no_grad, inputs not requiring grad) nothing is written.
+        grad_out = student_MK.detach() if opts.get("inplace_grad") and need_grad else None
         if backend == "triton":
             from ibot_fast.kernels.soft_ce_triton import soft_ce_fwd
             loss_M, grad = soft_ce_fwd(student_MK, teacher_TK, partner_MP, weight_MP, center_K,
                                        student_temp, teacher_temp,
-                                       block_k=opts.get("block_k"))
+                                       block_k=opts.get("block_k"), grad_out=grad_out)
+            if grad_out is not None:  # a kernel's write is invisible to autograd: bump by hand
+                torch.autograd.graph.increment_version(grad_out)
             loss = loss_M.sum()
         else:
             loss, grad = _soft_ce_torch(student_MK, teacher_TK, partner_MP, weight_MP,
                                         center_K, student_temp, teacher_temp, need_grad,
-                                        opts.get("chunk_rows"))
+                                        opts.get("chunk_rows"), grad_out=grad_out)
         ctx.grad = grad if need_grad else None
         ctx.used = False
         return loss
@@ -309,7 +326,8 @@ class _SoftCELinear(torch.autograd.Function):
 def soft_ce(student_MK: torch.Tensor, teacher_TK: torch.Tensor, partner_MP: torch.Tensor,
             weight_MP: torch.Tensor, center_K: torch.Tensor, student_temp: float,
             teacher_temp: float, *, backend: str = "auto", check_finite: bool = False,
-            chunk_rows: Optional[int] = None, block_k: Optional[int] = None) -> torch.Tensor:
+            chunk_rows: Optional[int] = None, block_k: Optional[int] = None,
+            inplace_grad: bool = False) -> torch.Tensor:
     """Weighted soft-target CE summed over all pairs (0-dim fp32; fp64 for fp64 inputs).
 
     student_MK: student logits [M, K] (gets the gradient, in its own dtype).
@@ -319,14 +337,48 @@ def soft_ce(student_MK: torch.Tensor, teacher_TK: torch.Tensor, partner_MP: torc
     center_K: the teacher centre, K elements (subtracted before dividing by teacher_temp).
     check_finite: raise ValueError on NaN/Inf in teacher_TK, center_K or weight_MP (syncs).
     chunk_rows (torch) / block_k (triton): tuning knobs; tests use small ones.
+    inplace_grad: **the student logits tensor is overwritten by its gradient** during the
+        forward pass (rows without a live pair get 0), and backward returns that storage
+        (scaled in place by the incoming gradient), as Liger-Kernel's cross-entropy does: no
+        second ``[M, K]`` buffer. Only safe when nothing else reads the student tensor after
+        the loss -- true in iBOT, where the logits come from the head's last Linear, which
+        saves its input and weight, not its output. Misuse is caught where it can be: a leaf
+        that requires grad or a non-contiguous student raises ``ValueError`` (so does a
+        teacher sharing the student's storage); the write bumps autograd's version counter, so
+        an op that saved the student tensor for its backward raises torch's usual "modified by
+        an inplace operation" error at backward. Reads that autograd does not track (plain
+        Python code looking at the tensor after the loss) see the gradient: that is the
+        contract. When no gradient is needed (``torch.no_grad()``, a student that does not
+        require grad) nothing is written.
     """
     _check_core(student_MK, teacher_TK, partner_MP, weight_MP, center_K, student_temp,
                 teacher_temp, check_finite)
+    if inplace_grad:
+        _check_inplace("student_MK", student_MK, teacher_TK)
     be = resolve_backend(backend, student_MK, teacher_TK, center_K)
     with torch.autocast(student_MK.device.type, enabled=False):
         return _SoftCE.apply(student_MK, teacher_TK.detach(), partner_MP, weight_MP,
                              center_K.detach(), float(student_temp), float(teacher_temp), be,
-                             dict(chunk_rows=chunk_rows, block_k=block_k))
+                             dict(chunk_rows=chunk_rows, block_k=block_k,
+                                  inplace_grad=bool(inplace_grad)))
+
+
+def _check_inplace(name: str, student: torch.Tensor, teacher: Optional[torch.Tensor] = None):
+    """The preconditions of ``inplace_grad`` (metadata only, no sync)."""
+    if student.is_leaf and student.requires_grad:
+        raise ValueError(f"{name}: inplace_grad=True overwrites the student logits with their "
+                         f"gradient, which is illegal on a leaf that requires grad; pass the "
+                         f"output of the op producing the logits (e.g. the head's last Linear) "
+                         f"or use inplace_grad=False")
+    if not student.is_contiguous():
+        raise ValueError(f"{name}: inplace_grad=True needs a contiguous tensor (the gradient is "
+                         f"written into its storage row by row), got strides "
+                         f"{tuple(student.stride())}; call .contiguous() or use "
+                         f"inplace_grad=False")
+    if teacher is not None and student.numel() and teacher.numel() and \
+            student.untyped_storage().data_ptr() == teacher.untyped_storage().data_ptr():
+        raise ValueError(f"{name}: inplace_grad=True but the teacher logits share the student's "
+                         f"storage (they would be overwritten while read)")
 
 
 def soft_ce_linear(zs_MD: torch.Tensor, ws_KD: torch.Tensor, zt_TD: torch.Tensor,

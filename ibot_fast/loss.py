@@ -91,8 +91,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ibot_fast.fused_loss import (_compute_dtype, sinkhorn_knopp_center, soft_ce,
-                                  teacher_col_sum)
+from ibot_fast.fused_loss import (_check_inplace, _compute_dtype, sinkhorn_knopp_center,
+                                  soft_ce, teacher_col_sum)
 from ibot_fast.schedules import teacher_temp_schedule
 
 __all__ = ["IBOTLoss", "IBOTLossReference", "LOSS_BACKENDS", "CENTERINGS", "masked_patch_rows",
@@ -408,6 +408,16 @@ class IBOTLoss(IBOTLossReference):
     backend: ``"auto"`` (Triton on CUDA, chunked torch otherwise), ``"triton"``, ``"torch"``,
         or ``"eager"`` (the dense reference path, ``IBOTLossReference.forward``).
     check_finite: raise ``ValueError`` when the teacher logits hold NaN/Inf (one host sync).
+    inplace_grad: opt-in, ``forward`` (the dense drop-in) only, fused back ends only. **The
+        student logits tensors are overwritten by their gradients** in the forward pass
+        (``student_output[1]`` whole, unmasked tokens set to 0; ``student_output[0]`` too when
+        ``nlcrops == 0``, else the [CLS] gradient goes into the loss's own concatenation), as
+        in Liger-Kernel's cross-entropy: no second ``[ngcrops*B, N, K2]`` buffer. Only safe
+        when nothing reads the student logits after the loss -- true in iBOT, where they come
+        from the head's last Linear, which saves its input and weight but not its output. The
+        student logits must not be leaves that require grad and must be contiguous
+        (``ValueError`` otherwise); an autograd op that saved them raises torch's "modified by
+        an inplace operation" error at backward (see ``fused_loss.soft_ce``).
     center (also ``IBOTLossReference``): ``"ema"`` (the reference's EMA centres) or
         ``"sinkhorn_knopp"`` (DINOv2/v3; ``sinkhorn_iterations=3``): the Sinkhorn-Knopp target
         is ``softmax((t - c)/tau)`` for a per-batch vector ``c``
@@ -423,16 +433,22 @@ class IBOTLoss(IBOTLossReference):
     ``forward_selected`` takes inputs already gathered by the trainer (see its docstring).
     """
 
-    def __init__(self, *args, backend: str = "auto", check_finite: bool = False, **kwargs):
+    def __init__(self, *args, backend: str = "auto", check_finite: bool = False,
+                 inplace_grad: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if backend not in LOSS_BACKENDS:
             raise ValueError(f"IBOTLoss: backend must be one of {LOSS_BACKENDS}, got "
                              f"{backend!r}")
+        if inplace_grad and backend == "eager":
+            raise ValueError("IBOTLoss: inplace_grad=True needs a fused backend ('auto', "
+                             "'triton' or 'torch'); backend='eager' is the reference path")
         self.backend = backend
         self.check_finite = check_finite
+        self.inplace_grad = bool(inplace_grad)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend!r}"
+        return super().extra_repr() + f", backend={self.backend!r}" + \
+            (", inplace_grad=True" if self.inplace_grad else "")
 
     # ---- pieces shared by forward and forward_selected -------------------------------------
     def _cls_pairs(self, B: int, device, dtype):
@@ -446,14 +462,15 @@ class IBOTLoss(IBOTLossReference):
         weight_MP = (v != q).to(dtype).expand(nc, B, ng).reshape(nc * B, ng)
         return partner_MP, weight_MP * (self.lambda1 / ((ng * nc - ng) * B))
 
-    def _cls_loss(self, student_cls, teacher_cls, student_local_cls, B, tau):
+    def _cls_loss(self, student_cls, teacher_cls, student_local_cls, B, tau,
+                  inplace_grad=False):
         if self.nlcrops > 0:
             student_cls = torch.cat([student_cls, student_local_cls])
         wdt = _compute_dtype(student_cls, teacher_cls, self.center)
         partner_MP, weight_MP = self._cls_pairs(B, student_cls.device, wdt)
         return soft_ce(student_cls, teacher_cls, partner_MP, weight_MP,
                        self._teacher_center(self.center, teacher_cls, tau), self.student_temp,
-                       tau, backend=self.backend)
+                       tau, backend=self.backend, inplace_grad=inplace_grad)
 
     def _teacher_center(self, ema_center, teacher_TK, tau, row_valid_T=None):
         """The EMA buffer, or the Sinkhorn-Knopp targets written as a centre (no grad)."""
@@ -482,9 +499,17 @@ class IBOTLoss(IBOTLossReference):
                                   student_local_cls, student_mask)
         self._check_teacher_finite(**{"teacher_output[0]": teacher_cls,
                                       "teacher_output[1]": teacher_patch})
+        inplace = self.inplace_grad
+        if inplace:  # named like the caller's arguments (soft_ce would say student_MK)
+            _check_inplace("IBOTLoss: student_output[1] (patch logits)", student_patch,
+                           teacher_patch)
+            if self.nlcrops == 0:
+                _check_inplace("IBOTLoss: student_output[0] ([CLS] logits)", student_cls,
+                               teacher_cls)
         tau, tau2 = self.temperatures(epoch)
         ng, K2 = self.ngcrops, self.patch_out_dim
-        loss_cls = self._cls_loss(student_cls, teacher_cls, student_local_cls, B, tau)
+        loss_cls = self._cls_loss(student_cls, teacher_cls, student_local_cls, B, tau,
+                                  inplace_grad=inplace)
 
         # Patch rows pair with themselves (student token r <-> teacher token r); unmasked rows
         # have weight 0, so no kernel reads them and their gradient is an exact 0.
@@ -499,7 +524,8 @@ class IBOTLoss(IBOTLossReference):
         center2 = self._teacher_center(self.center2, teacher_TK, tau2,
                                        row_valid_T=mask_QBN.reshape(rows) != 0)
         loss_patch = soft_ce(student_patch.reshape(rows, K2), teacher_TK, partner_M1,
-                             weight_M1, center2, self.student_temp, tau2, backend=self.backend)
+                             weight_M1, center2, self.student_temp, tau2, backend=self.backend,
+                             inplace_grad=inplace)
 
         # Centres after the loss (it used the previous step's); all tokens, masked or not.
         if self.center_mode == "ema":

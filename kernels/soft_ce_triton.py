@@ -135,8 +135,13 @@ def _soft_ce_fwd_kernel(
 
 def soft_ce_fwd(student_MK: torch.Tensor, teacher_TK: torch.Tensor, partner_MP: torch.Tensor,
                 weight_MP: torch.Tensor, center_K: torch.Tensor, tau_s: float,
-                tau_t: float, block_k: int | None = None, num_warps: int | None = None):
+                tau_t: float, block_k: int | None = None, num_warps: int | None = None,
+                grad_out: torch.Tensor | None = None):
     """Launch the forward kernel. Inputs are already checked (``fused_loss._check_core``).
+
+    ``grad_out``: where to write the gradient (``inplace_grad``: the student tensor itself,
+    contiguous). Aliasing the student is safe: a program owns one row and, in pass 2, reads
+    each block of it before writing that block's gradient; rows without a pair only write.
 
     Returns ``(loss_M fp32, grad_MK in the student's dtype)``."""
     M, K = student_MK.shape
@@ -146,7 +151,8 @@ def soft_ce_fwd(student_MK: torch.Tensor, teacher_TK: torch.Tensor, partner_MP: 
     partner_MP = partner_MP.contiguous()
     weight_MP = weight_MP.to(torch.float32).contiguous()
     center_K = center_K.reshape(-1).to(torch.float32).contiguous()
-    grad_MK = torch.empty_like(student_MK, memory_format=torch.contiguous_format)
+    grad_MK = grad_out if grad_out is not None else \
+        torch.empty_like(student_MK, memory_format=torch.contiguous_format)
     loss_M = torch.empty(M, device=student_MK.device, dtype=torch.float32)
     if M == 0:
         return loss_M, grad_MK
