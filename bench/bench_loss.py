@@ -8,11 +8,18 @@ Variants (one name each, the same in tests/test_fused_loss.py):
 * ``compile`` -- ``torch.compile`` of the same forward (GPU by default; on the CPU only with
   ``IBOT_BENCH_COMPILE=1``: ~30 s of compilation on 2 cores);
 * ``torch``   -- ``IBOTLoss(backend="torch")``, the chunked memory-flat fallback;
-* ``triton``  -- ``IBOTLoss(backend="triton")`` (CUDA only).
+* ``triton``  -- ``IBOTLoss(backend="triton")`` (CUDA only);
+* ``torch_inplace`` / ``triton_inplace`` -- the same with ``inplace_grad=True`` (dense layout
+  only): the patch logits are overwritten by their gradient, no second logits-sized buffer.
 
 Layouts (iBOT ViT-S/16 shapes: 2 global crops x 196 patch tokens, 2 + 10 crops of [CLS],
 K = 8192, README masks: half the crops unmasked, the others r ~ U(0.1, 0.5), block-wise):
-* ``dense``    -- the drop-in ``forward`` on full [2B, 196, K] patch logits;
+* ``dense``    -- the drop-in ``forward`` on full [2B, 196, K] patch logits. For *every*
+  variant the patch logits are a non-leaf ``clone()`` of a leaf, made before each step (outside
+  the timed region and below the memory baseline): the logits pre-exist, as the head's output
+  does in training, and the accounting is the same for eager and fused. ``CloneBackward`` passes
+  the gradient through unchanged, so it lands in the leaf's ``.grad``: newly allocated by the
+  eager and non-inplace variants, the logits' own storage with ``inplace_grad``.
 * ``selected`` -- ``forward_selected`` on M gathered masked rows (the fast trainer path); its
   eager comparator is the same maths in plain torch on the gathered rows.
 
@@ -23,6 +30,9 @@ dropped, ``malloc_trim``, the high-water mark reset through ``/proc/self/clear_r
 measured step; tracemalloc does not see torch's allocations), the part of it that is the
 gradients the step must return (``grad_MB``; ``workspace_MB`` = peak extra - grad), and the
 achieved GB/s for the minimum traffic of the layout (logits read once, gradients written once).
+``grad_new_MB`` is the part of the gradients that needs new memory (all of them, except the
+patch logits' gradient of an ``*_inplace`` variant), and ``workspace_MB`` = peak extra -
+grad_new.
 """
 from __future__ import annotations
 
@@ -67,9 +77,10 @@ def make_inputs(B: int, device: str, dtype: torch.dtype, layout: str = "dense", 
     x = dict(s_cls=rnd(NG * B, K, grad=True), s_local=rnd(NL * B, K, grad=True),
              t_cls=rnd(NG * B, K, scale=0.3), masks=readme_masks(B))
     if layout == "dense":
-        x["s_patch"] = rnd(NG * B, N, K, grad=True)
+        x["s_patch_leaf"] = rnd(NG * B, N, K, grad=True)
         x["t_patch"] = rnd(NG * B, N, K, scale=0.3)
         x["masks"] = [m.to(device) for m in x["masks"]]
+        fresh_logits(x)
     else:
         if M is None:  # the masked rows of the README masks
             _, w = masked_patch_rows(x["masks"], NG)
@@ -81,6 +92,14 @@ def make_inputs(B: int, device: str, dtype: torch.dtype, layout: str = "dense", 
         x["w"] = w.to(device)
         x["t_mean"] = torch.zeros(K, device=device)
     return x
+
+
+def fresh_logits(x):
+    """Dense layout: the patch logits for the next step, a non-leaf (see the module docstring;
+    ``inplace_grad`` refuses leaves, and overwrites the tensor, hence one per step)."""
+    if "s_patch_leaf" in x:
+        x.pop("s_patch", None)  # free the previous step's logits first
+        x["s_patch"] = x["s_patch_leaf"].clone()
 
 
 def eager_selected(loss_fn, x, epoch):
@@ -105,8 +124,9 @@ def build_step(variant: str, layout: str, x: dict, device: str):
     if variant == "eager":
         loss_fn = IBOTLossReference(*LOSS_ARGS).to(device)
     else:
-        backend = "torch" if variant == "compile" else variant
-        loss_fn = IBOTLoss(*LOSS_ARGS, backend=backend).to(device)
+        backend = "torch" if variant == "compile" else variant.removesuffix("_inplace")
+        loss_fn = IBOTLoss(*LOSS_ARGS, backend=backend,
+                           inplace_grad=variant.endswith("_inplace")).to(device)
     if layout == "dense":
         fwd = IBOTLossReference.forward.__get__(loss_fn) if variant in ("eager", "compile") \
             else loss_fn.forward
@@ -139,8 +159,13 @@ def build_step(variant: str, layout: str, x: dict, device: str):
 
 def reset_grads(x):
     for v in x.values():
-        if torch.is_tensor(v):
+        if torch.is_tensor(v) and v.is_leaf:
             v.grad = None
+
+
+def new_step_inputs(x):
+    reset_grads(x)
+    fresh_logits(x)
 
 
 def min_traffic_bytes(x, layout):
@@ -193,7 +218,7 @@ def _peak_main(variant, layout, B):
     x = make_inputs(int(B), "cpu", torch.float32, layout)
     step = build_step(variant, layout, x, "cpu")
     step()  # warm-up (compilation for "compile"), then drop its gradients and cached heap
-    reset_grads(x)
+    new_step_inputs(x)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
@@ -205,7 +230,7 @@ def _peak_main(variant, layout, B):
 
 
 def measure_cuda_peak(step, x) -> int:
-    reset_grads(x)
+    new_step_inputs(x)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -237,13 +262,13 @@ def _run_impl(benchmark, variant, layout, device, B, dtype, M, rounds):
     step = build_step(variant, layout, x, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     step()  # warm-up (compilation, allocator)
-    reset_grads(x)
+    new_step_inputs(x)
 
     def timed():
         step()
         sync()
 
-    benchmark.pedantic(timed, setup=lambda: reset_grads(x), rounds=rounds, iterations=1,
+    benchmark.pedantic(timed, setup=lambda: new_step_inputs(x), rounds=rounds, iterations=1,
                        warmup_rounds=1)
     mean_s = benchmark.stats.stats.mean
     info = benchmark.extra_info
@@ -254,9 +279,12 @@ def _run_impl(benchmark, variant, layout, device, B, dtype, M, rounds):
     traffic = min_traffic_bytes(x, layout)
     info["min_traffic_GB"] = round(traffic / 1e9, 3)
     info["achieved_GBps"] = round(traffic / mean_s / 1e9, 1)
-    grad_bytes = sum(v.numel() * v.element_size() for v in x.values()
-                     if torch.is_tensor(v) and v.requires_grad)
-    info["grad_MB"] = round(grad_bytes / 2**20, 1)
+    grads = {k: v.numel() * v.element_size() for k, v in x.items()
+             if torch.is_tensor(v) and v.is_leaf and v.requires_grad}
+    info["grad_MB"] = round(sum(grads.values()) / 2**20, 1)
+    inplace = variant.endswith("_inplace")
+    info["grad_new_MB"] = round(sum(b for k, b in grads.items()
+                                    if not (inplace and k == "s_patch_leaf")) / 2**20, 1)
     if device == "cuda":
         info["peak_extra_MB"] = round(measure_cuda_peak(step, x) / 2**20, 1)
         info["fraction_of_3TBps_floor"] = round(traffic / mean_s / 3.0e12, 3)
@@ -265,13 +293,13 @@ def _run_impl(benchmark, variant, layout, device, B, dtype, M, rounds):
         info["peak_extra_MB"] = round(peak["peak_extra_bytes"] / 2**20, 1)
         info["rss_before_MB"] = round(peak["rss_before"] / 2**20, 1)
         info["threads"] = torch.get_num_threads()
-    info["workspace_MB"] = round(info["peak_extra_MB"] - info["grad_MB"], 1)
+    info["workspace_MB"] = round(info["peak_extra_MB"] - info["grad_new_MB"], 1)
 
 
 CPU_VARIANTS = ["eager", "torch"] + (["compile"] if os.environ.get("IBOT_BENCH_COMPILE") else [])
 
 
-@pytest.mark.parametrize("variant", CPU_VARIANTS)
+@pytest.mark.parametrize("variant", CPU_VARIANTS + ["torch_inplace"])
 def test_loss_dense_cpu(benchmark, variant):
     benchmark.group = f"iBOT loss fwd+bwd, dense drop-in, ViT-S/16 B={CPU_B} K={K}, CPU fp32"
     _run(benchmark, variant, "dense", "cpu", CPU_B, torch.float32)
@@ -291,7 +319,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("variant", GPU_VARIANTS)
+@pytest.mark.parametrize("variant", GPU_VARIANTS + ["triton_inplace"])
 def test_loss_dense_gpu(benchmark, variant, dtype):
     benchmark.group = f"iBOT loss fwd+bwd, dense drop-in, ViT-S/16 B={GPU_B}, {dtype}"
     _run(benchmark, variant, "dense", "cuda", GPU_B, dtype, rounds=20)

@@ -34,7 +34,12 @@ flag:
   loss's torch back end has one ``nonzero``; on CUDA the Triton back end has none).
 
 With ``--fast_step false`` (default) nothing here runs except the attention back end choice,
-which applies to both paths. FSDP2 (``fully_shard``) is not implemented (DDP only).
+which applies to both paths.
+
+* ``--fsdp true`` (``ibot_fast/fsdp.py``): FSDP2 instead of DDP: ``fully_shard`` per block, then
+  the whole student wrapper; the teacher sharded the same way, so the EMA is a local foreach
+  ``lerp_`` over the shards; per-tensor clipping on full-tensor norms; full (DDP-format)
+  checkpoints.
 
 Shapes: B images per crop, ng global / nl local crops, nc = ng + nl, N (n) patch tokens of a
 global (local) crop, D width, K / K2 head outputs, M = ng·B·max_masked selected patch rows,
@@ -49,7 +54,8 @@ from ibot_fast.ema import FlatEMA
 from ibot_fast.masking import MaskBatch, MaskGenerator
 from ibot_fast.models.packed import (PackedBlock, check_attn_backend, cls_rows,
                                      draw_drop_path_coins, draw_subsets, prepare_groups)
-from ibot_fast.optim import clip_gradients_per_tensor, get_params_groups, set_schedules
+from ibot_fast.optim import (build_optimizer, clip_gradients_per_tensor, get_params_groups,
+                             set_schedules)
 
 HEAD_TOKENS = ("selected", "all")
 DROP_PATH_MODES = ("sample", "subset")
@@ -76,6 +82,7 @@ class _Blocks:
     def __init__(self, backbone, attn_backend: str, compile_blocks: bool,
                  compile_backend: str = "inductor"):
         self.blocks = list(backbone.blocks)
+        self.fsdp = False  # set by FastStep after fsdp.shard_blocks_and_root
         self.runners = [PackedBlock(b, attn_backend=attn_backend) for b in self.blocks]
         if compile_blocks:
             for r in self.runners:
@@ -85,7 +92,10 @@ class _Blocks:
     def run(self, x, layout, coins=None, subsets=None):
         for i, r in enumerate(self.runners):
             r.layout = layout
-            x = r(x, None if coins is None else coins[i], None if subsets is None else subsets[i])
+            # under FSDP the block's registered method: all-gather / reshard hooks around r
+            call = self.blocks[i].packed_forward if self.fsdp else r
+            x = call(x, None if coins is None else coins[i],
+                     None if subsets is None else subsets[i])
         return x
 
 
@@ -181,14 +191,27 @@ class FastStep:
         for m in (student, teacher):
             m.backbone.set_attn_backend(attn)
         self.ng, self.nl = args.global_crops_number, args.local_crops_number
+        self.fsdp = getattr(args, "fsdp", False)
 
         # ---- flat EMA (re-homes the parameters into flat buffers; Parameter objects stay) ----
         bf16_teacher = getattr(args, "ema_teacher_bf16", False)
         if bf16_teacher and args.precision != "bf16":
             raise ValueError("--ema_teacher_bf16 true keeps a bf16 teacher copy for a bf16 "
                              "forward: it needs --precision bf16")
-        self.ema = FlatEMA(student, teacher, backend=getattr(args, "ema_backend", "auto"),
-                           bf16_copy=bf16_teacher)
+        if self.fsdp:  # ibot_fast/fsdp.py: the EMA runs on the shards, FSDP owns their storage
+            from ibot_fast.fsdp import check_fsdp
+            check_fsdp(tr.device)
+            if bf16_teacher:
+                raise ValueError("--ema_teacher_bf16 true is a flat-buffer (DDP) option; with "
+                                 "--fsdp true leave it false")
+            if getattr(args, "ema_backend", "auto") == "triton":
+                raise ValueError("--ema_backend triton updates one flat buffer; with --fsdp "
+                                 "true the EMA is a foreach lerp_ over the shards: use auto "
+                                 "or torch")
+            self.ema = None  # built after sharding
+        else:
+            self.ema = FlatEMA(student, teacher, backend=getattr(args, "ema_backend", "auto"),
+                               bf16_copy=bf16_teacher)
 
         # ---- blocks, the student module (DDP-wrapped when distributed) ----
         # compile_backend: not a flag (inductor); tests of the guards use "aot_eager"
@@ -198,7 +221,10 @@ class FastStep:
         self.fast_student = FastStudent(student, self.s_blocks, self.packed,
                                         self.drop_path_mode)
         self.student_fwd = self.fast_student
-        if tr.info.world_size > 1:
+        self.fsdp_teacher = None
+        if self.fsdp:
+            self._shard(tr, student, teacher)
+        elif tr.info.world_size > 1:
             dev = tr.device
             self.student_fwd = nn.parallel.DistributedDataParallel(
                 self.fast_student, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -207,12 +233,42 @@ class FastStep:
         # ---- optimiser: fused AdamW (same state_dict format as the reference's) ----
         if args.optimizer == "adamw":
             tr.optimizer = torch.optim.AdamW(get_params_groups(student), fused=True)
+        elif self.fsdp:  # the parameters are new (DTensor) objects: rebuild over them
+            tr.optimizer = build_optimizer(args.optimizer, get_params_groups(student))
         self.params = [p for p in student.parameters() if p.requires_grad]
         self.last_layer_params = [p for n, p in student.named_parameters()
                                   if "last_layer" in n and p.requires_grad]
         self._max_masked = MaskGenerator(args.pred_ratio, args.pred_ratio_var,
                                          pred_shape=args.pred_shape,
                                          pred_start_epoch=args.pred_start_epoch).max_masked
+
+    def _shard(self, tr, student, teacher):
+        """--fsdp true: student and teacher sharded alike (ibot_fast/fsdp.py explains why)."""
+        from ibot_fast.fsdp import FSDPTeacher, ShardedEMA, _mesh, shard_blocks_and_root
+        mesh = _mesh(tr.device)
+        shard_blocks_and_root(self.fast_student, self.s_blocks.blocks, self.s_blocks.runners,
+                              mesh)
+        self.fsdp_teacher = FSDPTeacher(teacher, self._teacher_forward)
+        shard_blocks_and_root(self.fsdp_teacher, self.t_blocks.blocks, self.t_blocks.runners,
+                              mesh)
+        self.s_blocks.fsdp = self.t_blocks.fsdp = True
+        self.ema = ShardedEMA(student, teacher)
+        tr.ema = self.ema  # the reference EMA's lists held the unsharded parameters
+        tr.student = self.student_fwd  # the reference's DDP wrapper is not used any more
+
+    # ---- checkpoints under FSDP: full state dicts in the DDP format (collectives) ----
+    def full_state(self) -> dict:
+        from ibot_fast.fsdp import full_model_state_dict, full_optimizer_state_dict
+        return {"student": full_model_state_dict(self.tr.student_without_ddp),
+                "teacher": full_model_state_dict(self.tr.teacher),
+                "optimizer": full_optimizer_state_dict(self.tr.optimizer)}
+
+    def load_full_state(self, state: dict) -> None:
+        from ibot_fast.checkpoint import strip_prefix
+        from ibot_fast.fsdp import load_full_model_state_dict, load_full_optimizer_state_dict
+        load_full_model_state_dict(self.tr.student_without_ddp, strip_prefix(state["student"]))
+        load_full_model_state_dict(self.tr.teacher, strip_prefix(state["teacher"]))
+        load_full_optimizer_state_dict(self.tr.optimizer, state["optimizer"])
 
     # ------------------------------------------------------------------------------------------
     def _mask_batch(self, masks, B: int) -> MaskBatch:
@@ -233,24 +289,31 @@ class FastStep:
         ``(cls, patch [ng·B, N, K2])`` as the reference's teacher output.
         """
         teacher = self.tr.teacher
-        if self.ema.teacher_bf16_flat is not None:
+        idx_M = None if mb is None else mb.idx_M
+        if self.fsdp_teacher is not None:
+            out = self.fsdp_teacher(globals_, idx_M)
+            # the root group stays gathered after its forward (no backward to reshard it):
+            # reshard, so the EMA's in-place shard update is what the next all-gather reads
+            self.fsdp_teacher.reshard()
+            return out
+        if getattr(self.ema, "teacher_bf16_flat", None) is not None:
             params = {n: p for n, p in self.ema.bf16_parameters().items()}
             with torch.nn.utils.stateless._reparametrize_module(teacher, params):
-                return self._teacher_forward(teacher, globals_, mb)
-        return self._teacher_forward(teacher, globals_, mb)
+                return self._teacher_forward(teacher, globals_, idx_M)
+        return self._teacher_forward(teacher, globals_, idx_M)
 
-    def _teacher_forward(self, teacher, globals_, mb):
+    def _teacher_forward(self, teacher, globals_, idx_M):
         bb, head = teacher.backbone, teacher.head
         x, layout = prepare_groups(bb, [globals_], [None])
         x = self.t_blocks.run(x, layout)
         (b, t), = layout
         y = bb.norm(x).view(b, t, -1)
-        if mb is None:
+        if idx_M is None:
             return head(y)
         z = head.bottleneck(y)                       # [ng·B, 1+N, bottleneck], every token
         z_patch = z[:, 1:].reshape(-1, z.shape[-1])  # [ng·B·N, bottleneck]
         cls = head.last_layer(z[:, 0])
-        rows = head.last_layer2(z_patch.index_select(0, mb.idx_M))
+        rows = head.last_layer2(z_patch.index_select(0, idx_M))
         # centre statistic by linearity: mean over all patch tokens of W ẑ = W (mean ẑ)
         mean = head.last_layer2(z_patch.mean(0, keepdim=True)).reshape(-1)
         return cls, rows, mean
@@ -299,14 +362,13 @@ class FastStep:
         tr.optimizer.zero_grad(set_to_none=True)
         if tr.scaler is None:
             loss.backward()
-            norms = (clip_gradients_per_tensor(self.params, args.clip_grad)
-                     if args.clip_grad else None)
+            norms = (self._clip(self.params, args.clip_grad) if args.clip_grad else None)
             grads_ok = tr.nonfinite.grads_finite(self.params, norms)
         else:
             tr.scaler.scale(loss).backward()
             if args.clip_grad:
                 tr.scaler.unscale_(tr.optimizer)
-                clip_gradients_per_tensor(self.params, args.clip_grad)
+                self._clip(self.params, args.clip_grad)
             grads_ok = None
         bad = tr.nonfinite.record(it, terms, grads_ok)
         if skip_mode:
@@ -326,6 +388,12 @@ class FastStep:
         return {"loss": loss.detach(), "cls": terms["cls"].detach(),
                 "patch": terms["patch"].detach(), "acc": acc.float().mean(), "skipped": False}
 
+    def _clip(self, params, clip):
+        if self.fsdp:  # full-tensor norms of the sharded gradients (one all_reduce)
+            from ibot_fast.fsdp import clip_gradients_per_tensor_sharded
+            return clip_gradients_per_tensor_sharded(params, clip)
+        return clip_gradients_per_tensor(params, clip)
+
     def _cls_index(self, crops):
         """Rows of the [CLS] tokens in the student's token stream (globals, then locals)."""
         bb = self.tr.student_without_ddp.backbone
@@ -342,7 +410,7 @@ def setup_fast_step(trainer):
         return FastStep(trainer)
     attn = getattr(args, "attn_backend", "sdpa")
     fast_only = {"compile": False, "drop_path_mode": "sample", "head_tokens": "selected",
-                 "packed_crops": True, "ema_teacher_bf16": False}
+                 "packed_crops": True, "ema_teacher_bf16": False, "fsdp": False}
     for name, default in fast_only.items():
         if getattr(args, name, default) != default:
             raise ValueError(f"--{name} {getattr(args, name)} is an option of the fast step; "

@@ -360,7 +360,8 @@ def soft_ce(student_MK: torch.Tensor, teacher_TK: torch.Tensor, partner_MP: torc
         return _SoftCE.apply(student_MK, teacher_TK.detach(), partner_MP, weight_MP,
                              center_K.detach(), float(student_temp), float(teacher_temp), be,
                              dict(chunk_rows=chunk_rows, block_k=block_k,
-                                  inplace_grad=bool(inplace_grad)))
+                                  # under no_grad needs_input_grad still reads requires_grad
+                                  inplace_grad=bool(inplace_grad) and torch.is_grad_enabled()))
 
 
 def _check_inplace(name: str, student: torch.Tensor, teacher: Optional[torch.Tensor] = None):

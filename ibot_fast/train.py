@@ -159,7 +159,9 @@ class Trainer:
         self.student.to(self.device, self.param_dtype)
         self.teacher.to(self.device, self.param_dtype)
         self.student_without_ddp = self.student
-        if self.info.world_size > 1:
+        # --fast_step wraps its own student module (DDP or FSDP2): building the reference's DDP
+        # wrapper first would broadcast and allocate gradient buckets for nothing.
+        if self.info.world_size > 1 and not getattr(args, "fast_step", False):
             self.student = nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda"
                 else None)
@@ -194,6 +196,11 @@ class Trainer:
         # ---- --fast_step (ibot_fast/fast_step.py): None keeps this file's reference step ----
         from ibot_fast.fast_step import setup_fast_step
         self.fast_step = setup_fast_step(self)  # also applies --attn_backend to both paths
+
+    @property
+    def _fsdp(self) -> bool:
+        """--fsdp true (fast step): parameters are shards; checkpoints go through fsdp.py."""
+        return getattr(self.fast_step, "fsdp", False)
 
     # ------------------------------------------------------------------------------------------
     def autocast(self):
@@ -276,12 +283,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self, epoch: int, position: dict | None = None) -> dict:
-        """``position``: where a mid-epoch (preemption) checkpoint stopped; None at epoch end."""
+        """``position``: where a mid-epoch (preemption) checkpoint stopped; None at epoch end.
+        Under ``--fsdp`` a collective (every rank calls it; full tensors on rank 0)."""
+        nets = (self.fast_step.full_state() if self._fsdp else
+                {"student": self.student_without_ddp.state_dict(),
+                 "teacher": self.teacher.state_dict(),
+                 "optimizer": self.optimizer.state_dict()})
         return {
             "position": position,
-            "student": self.student_without_ddp.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **nets,
             "epoch": epoch,
             "args": ckpt.args_to_dict(self.args),
             "ibot_loss": self.ibot_loss.state_dict(),
@@ -290,10 +300,12 @@ class Trainer:
 
     def save(self, epoch: int, path: str | None = None, position: dict | None = None):
         """Rank 0 writes; callers make sure the state is finite (a sync point came first)."""
+        if not self.info.is_main and not self._fsdp:
+            return
+        state = self.state_dict(epoch, position)  # --fsdp: every rank gathers the shards
         if not self.info.is_main:
             return
         out = self.args.output_dir
-        state = self.state_dict(epoch, position)
         if path is not None:
             ckpt.atomic_save(state, path)
             return
@@ -314,9 +326,12 @@ class Trainer:
                                          log=lambda m: log(m, self.info),
                                          run_args=ckpt.args_to_dict(self.args),
                                          convert=to_ibot_fast)  # verified after conversion
-        self.student_without_ddp.load_state_dict(ckpt.strip_prefix(state["student"]))
-        self.teacher.load_state_dict(ckpt.strip_prefix(state["teacher"]))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self._fsdp:  # full (DDP-format) state, split into this rank's shards
+            self.fast_step.load_full_state(state)
+        else:
+            self.student_without_ddp.load_state_dict(ckpt.strip_prefix(state["student"]))
+            self.teacher.load_state_dict(ckpt.strip_prefix(state["teacher"]))
+            self.optimizer.load_state_dict(state["optimizer"])
         self.ibot_loss.load_state_dict(state["ibot_loss"])
         if self.scaler is not None and state.get("fp16_scaler"):
             self.scaler.load_state_dict(state["fp16_scaler"])

@@ -428,3 +428,73 @@ def test_fast_step_two_process_gloo_equals_reference_one_process(tmp_path):
         for k in sa[key]:
             torch.testing.assert_close(sa[key][k], sb[key][k], rtol=1e-8, atol=1e-10,
                                        msg=f"{key}.{k}")
+
+
+# ------------------------------------------------------------------------------ FSDP2 (gloo)
+def _checkpoint(path):
+    return torch.load(path, weights_only=True)
+
+
+def _assert_same_checkpoint(sa, sb):
+    for key in ("student", "teacher", "ibot_loss"):
+        assert sa[key].keys() == sb[key].keys(), key
+        for k in sa[key]:
+            torch.testing.assert_close(sa[key][k], sb[key][k], rtol=1e-8, atol=1e-10,
+                                       msg=f"{key}.{k}")
+    oa, ob = sa["optimizer"], sb["optimizer"]
+    # the fast step's AdamW is fused=True, the reference's not: every other entry is equal
+    plain = [[{k: v for k, v in g.items() if k != "fused"} for g in o["param_groups"]]
+             for o in (oa, ob)]
+    assert plain[0] == plain[1]
+    assert oa["state"].keys() == ob["state"].keys()
+    for i in oa["state"]:
+        for name in ob["state"][i]:
+            torch.testing.assert_close(oa["state"][i][name].cpu(), ob["state"][i][name].cpu(),
+                                       rtol=1e-8, atol=1e-10, msg=f"optimizer {i} {name}")
+
+
+@pytest.mark.slow
+def test_fsdp_two_process_gloo_equals_reference_and_checkpoints_interchange(tmp_path):
+    """--fsdp true on 2 gloo processes x 2 images (student and teacher sharded per block) for
+    two epochs, against the reference step in one process with 4 images: weights, teacher,
+    centres and the full AdamW state of the checkpoint. Then the FSDP checkpoint (a) loads in a
+    one-process non-FSDP trainer and (b) is resumed by FSDP for a third epoch, which again
+    equals the reference's third epoch (the sharded load path and the saved optimiser state)."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    _torchrun(2, two, 2, tmp_path, "--fast_step", "true", "--fsdp", "true")
+    _torchrun(1, one, 4, tmp_path)
+    sa, sb = _checkpoint(two / "checkpoint.pth"), _checkpoint(one / "checkpoint.pth")
+    _assert_same_checkpoint(sa, sb)
+
+    # (a) a checkpoint written under FSDP loads in a non-FSDP (here: reference) run
+    tr = Trainer(_args(tmp_path / "load", "--precision", "fp64", "--drop_path", "0",
+                       "--epochs", "3"))
+    tr.load(str(two / "checkpoint.pth"))
+    assert tr.start_epoch == 2
+    for n, p in tr.student_without_ddp.named_parameters():
+        assert torch.equal(p.detach(), sa["student"][n]), n
+    for n, p in tr.teacher.named_parameters():
+        assert torch.equal(p.detach(), sa["teacher"][n]), n
+
+    # (b) FSDP resumes its own checkpoint (sharded load) and stays on the reference
+    _torchrun(2, two, 2, tmp_path, "--fast_step", "true", "--fsdp", "true", "--epochs", "3")
+    _torchrun(1, one, 4, tmp_path, "--epochs", "3")
+    sa, sb = _checkpoint(two / "checkpoint.pth"), _checkpoint(one / "checkpoint.pth")
+    assert sa["epoch"] == sb["epoch"] == 3
+    _assert_same_checkpoint(sa, sb)
+
+
+def test_fsdp_needs_a_process_group(tmp_path):
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group exists in this test process")
+    with pytest.raises(ValueError, match="torchrun"):
+        Trainer(_args(tmp_path, "--precision", "fp64", "--fast_step", "true", "--fsdp", "true"))
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--fsdp", "true"], "--fast_step true"),
+])
+def test_fsdp_flag_needs_fast_step(tmp_path, extra, needle):
+    with pytest.raises(ValueError, match=needle.replace("-", r"\-")):
+        Trainer(_args(tmp_path, "--precision", "fp64", *extra))

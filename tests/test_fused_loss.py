@@ -405,6 +405,142 @@ def test_ibot_loss_bad_input():
         sel(b["s_cls"][:, :-1], b["t_cls"], b["s_local"], sp, tp, w, mean, 0)
 
 
+# ---- inplace_grad: the gradient written into the student logits (Liger-style) ---------------
+def linear_logits(seed, rows, K_out, D=6):
+    """Student logits from a Linear, as in iBOT's head: the op upstream of the loss whose
+    parameter (and input) gradients must not change when the logits are overwritten."""
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(D, K_out).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(K_out, D, generator=g) * 0.7)
+        lin.bias.copy_(torch.randn(K_out, generator=g) * 0.1)
+    return lin, torch.randn(*rows, D, generator=g, dtype=torch.float64)
+
+
+def upstream_grads(lin, z_leaf):
+    return dict(weight=lin.weight.grad.clone(), bias=lin.bias.grad.clone(),
+                z=z_leaf.grad.clone())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_soft_ce_inplace_grad_matches(backend, small_blocks):
+    """loss and the gradients of the Linear producing the logits: equal to the non-inplace
+    path and to the dense formula (fp64 autograd); the logits now hold their gradient."""
+    _, t, partner, weight, c = make_pairs(seed=11)
+    lin, z = linear_logits(seed=11, rows=(13,), K_out=37)
+    # fp64 ground truth: autograd through the dense formula
+    zl = z.clone().requires_grad_(True)
+    ref = 3.0 * dense_soft_ce(lin(zl), t, partner, weight, c, 0.1, 0.04)
+    ref.backward()
+    want = upstream_grads(lin, zl)
+    got = {}
+    for inplace in (False, True):
+        lin.zero_grad()
+        zl = z.float().clone().requires_grad_(True)
+        lin32 = torch.nn.Linear(6, 37)
+        lin32.load_state_dict({k: v.float() for k, v in lin.state_dict().items()})
+        logits = lin32(zl)
+        version = logits._version
+        loss = soft_ce(logits, t, partner, weight, c, 0.1, 0.04, backend=backend,
+                       inplace_grad=inplace)
+        assert (logits._version > version) == inplace  # autograd sees the write
+        (3.0 * loss).backward()
+        assert rel_err(3.0 * loss, ref) < RTOL
+        got[inplace] = dict(weight=lin32.weight.grad, bias=lin32.bias.grad, z=zl.grad)
+        for key in want:
+            assert rel_err(got[inplace][key], want[key]) < RTOL, (inplace, key)
+        if inplace:  # the logits tensor now *is* d(3 loss)/d logits; the dead row is 0
+            leaf = lin(z).detach().requires_grad_(True)
+            (3.0 * dense_soft_ce(leaf, t, partner, weight, c, 0.1, 0.04)).backward()
+            assert rel_err(logits.detach(), leaf.grad) < RTOL
+            assert torch.all(logits[4] == 0)
+    for key in want:
+        assert rel_err(got[True][key], got[False][key]) < RTOL, key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ng,nl", [(2, 2), (2, 0)])  # nl = 0: the [CLS] logits in place too
+def test_ibot_loss_inplace_grad_matches_eager(backend, ng, nl, small_blocks):
+    B, epoch, D = 3, 2, 5
+    b = make_batch(seed=21 + nl, ng=ng, nl=max(nl, 1), B=B, case="odd")
+    masks = b["masks"][:ng] + b["masks"][ng:ng + nl]
+    head_cls, z_cls = linear_logits(seed=1, rows=((ng + nl) * B,), K_out=K, D=D)
+    head_patch, z_patch = linear_logits(seed=2, rows=(ng * B, N), K_out=K2, D=D)
+    state = {"center": torch.randn(1, K) * 0.1, "center2": torch.randn(1, 1, K2) * 0.1}
+
+    def step(loss_fn, dtype):
+        hc, hp = (torch.nn.Linear(D, K).to(dtype), torch.nn.Linear(D, K2).to(dtype))
+        hc.load_state_dict(head_cls.state_dict())
+        hp.load_state_dict(head_patch.state_dict())
+        zc = z_cls.to(dtype, copy=True).requires_grad_(True)
+        zp = z_patch.to(dtype, copy=True).requires_grad_(True)
+        s_cls = hc(zc)  # globals then locals, crop-major, like MultiCropWrapper's output
+        out = loss_fn((s_cls[:ng * B], hp(zp)), (b["t_cls"].to(dtype), b["t_patch"].to(dtype)),
+                      s_cls[ng * B:] if nl else None, masks, epoch)
+        out["loss"].backward()
+        return out, dict(wc=hc.weight.grad, bc=hc.bias.grad, wp=hp.weight.grad,
+                         bp=hp.bias.grad, zc=zc.grad, zp=zp.grad)
+
+    outs = {}
+    for name, loss_fn, dtype in (
+            ("ref", make_loss(IBOTLossReference, ng, nl), torch.float64),
+            ("fused", make_loss(IBOTLoss, ng, nl, backend=backend), torch.float32),
+            ("inplace", make_loss(IBOTLoss, ng, nl, backend=backend, inplace_grad=True),
+             torch.float32)):
+        loss_fn.load_state_dict(state)
+        outs[name] = step(loss_fn, dtype) + (loss_fn,)
+    for name in ("fused", "inplace"):
+        for want in ("ref", "fused"):
+            (out, grads, fn), (rout, rgrads, rfn) = outs[name], outs[want]
+            for key in ("cls", "patch", "loss"):
+                assert rel_err(out[key], rout[key]) < RTOL, (name, want, key)
+            for key in rgrads:
+                assert rel_err(grads[key], rgrads[key]) < RTOL, (name, want, key)
+            assert rel_err(fn.center, rfn.center) < RTOL
+            assert rel_err(fn.center2, rfn.center2) < RTOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_grad_misuse(backend):
+    s, t, partner, weight, c = make_pairs(seed=12)
+    args = (t, partner, weight, c, 0.1, 0.04)
+    kw = dict(backend=backend, inplace_grad=True)
+    with pytest.raises(ValueError, match="student_MK: inplace_grad=True .* leaf"):
+        soft_ce(s.clone().requires_grad_(True), *args, **kw)
+    base = s.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="student_MK: inplace_grad=True needs a contiguous"):
+        soft_ce((base * 1.0).T.contiguous().T, *args, **kw)
+    x = base * 1.0
+    with pytest.raises(ValueError, match="teacher logits share"):
+        soft_ce(x, x.detach()[:9], partner, weight, c, 0.1, 0.04, **kw)
+    # an op that saved the logits for its backward: torch's in-place error, not a wrong result
+    x = base * 1.0
+    saved = x.pow(2).sum()  # PowBackward saves x
+    loss = soft_ce(x, *args, **kw)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + saved).backward()
+    # no gradient needed: nothing is overwritten
+    x = base * 1.0
+    with torch.no_grad():
+        soft_ce(x, *args, **kw)
+    assert torch.equal(x, s)
+    # module level: argument names, and no in-place on the eager path
+    ng, nl, B = 2, 0, 3
+    bb = make_batch(seed=13, ng=ng, nl=1, B=B, case="odd")
+    fn = make_loss(IBOTLoss, ng, nl, backend=backend, inplace_grad=True)
+    sc, sp = bb["s_cls"].clone().requires_grad_(True), bb["s_patch"].clone().requires_grad_(True)
+    teach = (bb["t_cls"], bb["t_patch"])
+    with pytest.raises(ValueError, match=r"student_output\[1\] \(patch logits\).*leaf"):
+        fn((sc * 1.0, sp), teach, None, bb["masks"], 0)
+    with pytest.raises(ValueError, match=r"student_output\[0\] \(\[CLS\] logits\).*leaf"):
+        fn((sc, sp * 1.0), teach, None, bb["masks"], 0)
+    with pytest.raises(ValueError, match=r"student_output\[1\].*contiguous"):
+        fn((sc * 1.0, (sp * 1.0).transpose(0, 1).contiguous().transpose(0, 1)), teach, None,
+           bb["masks"], 0)
+    with pytest.raises(ValueError, match="inplace_grad=True needs a fused backend"):
+        make_loss(IBOTLoss, ng, nl, backend="eager", inplace_grad=True)
+
+
 # ---- GPU (skipped without CUDA) ----------------------------------------------------------------
 def _gpu_batch(ng=2, nl=10, B=8, N=196, K=8192, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -428,6 +564,33 @@ def test_gpu_triton_matches_eager_fp32_vit_shapes():
     fast = IBOTLoss(8192, 8192, ng, nl, 0.04, 0.07, 0.04, 0.07, 30, 100,
                     backend="triton").cuda()
     compare(run(fast, b, 3), run(ref, b, 3), fast, ref)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_inplace_grad_vit_shapes():
+    """Compiled kernel, inplace_grad=True: logits from a Linear; its parameter gradients and
+    the loss equal the non-inplace path and the eager reference; version counter bumped."""
+    ng, nl, B, N, D = 2, 10, 4, 196, 64
+    b = _gpu_batch(ng, nl, B=B)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    z = torch.randn(ng * B, N, D, device="cuda", generator=g)
+    w = torch.randn(8192, D, device="cuda", generator=g) * 0.3
+    results = {}
+    for name, kw in (("ref", None), ("fused", {}), ("inplace", dict(inplace_grad=True))):
+        args = (8192, 8192, ng, nl, 0.04, 0.07, 0.04, 0.07, 30, 100)
+        fn = (IBOTLossReference(*args) if kw is None
+              else IBOTLoss(*args, backend="triton", **kw)).cuda()
+        wl = w.clone().requires_grad_(True)
+        logits = z @ wl.T
+        version = logits._version
+        out = fn((b["s_cls"], logits), (b["t_cls"], b["t_patch"]), b["s_local"], b["masks"], 3)
+        assert (logits._version > version) == (name == "inplace")
+        out["loss"].backward()
+        results[name] = (out["loss"], wl.grad)
+    for name in ("fused", "inplace"):
+        assert rel_err(results[name][0], results["ref"][0]) < RTOL
+        assert rel_err(results[name][1], results["ref"][1]) < 1e-4  # + a matmul (no TF32 by default)
+        assert rel_err(results[name][1], results["fused"][1]) < RTOL
 
 
 @pytest.mark.gpu
