@@ -72,16 +72,23 @@ def _fsync_dir(directory: str):
         os.close(fd)
 
 
-def atomic_save(obj, path: str):
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = _write_tmp(obj, directory)
+def _install(tmp: str, path: str, directory: str, prepare=None):
+    """Rename the fully written ``tmp`` onto ``path`` (after ``prepare()``, e.g. rotating the
+    older files); on any failure the temporary file is removed and ``path`` is untouched."""
     try:
+        if prepare is not None:
+            prepare()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     _fsync_dir(directory)
+
+
+def atomic_save(obj, path: str):
+    directory = os.path.dirname(os.path.abspath(path))
+    _install(_write_tmp(obj, directory), path, directory)
 
 
 def rotated_name(path: str, k: int) -> str:
@@ -99,7 +106,8 @@ def save_rotating(obj, path: str, keep: int = 1):
         raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
     directory = os.path.dirname(os.path.abspath(path))
     tmp = _write_tmp(obj, directory)  # a failure here has touched nothing
-    try:
+
+    def rotate():
         if keep > 1 and os.path.isfile(path):
             for k in range(keep - 1, 1, -1):
                 older = rotated_name(path, k - 1)
@@ -118,12 +126,8 @@ def save_rotating(obj, path: str, keep: int = 1):
             if not os.path.isfile(extra):
                 break
             os.remove(extra)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(directory)
+
+    _install(tmp, path, directory, prepare=rotate)
 
 
 def remove_stale_tmp(directory: str) -> list[str]:

@@ -93,6 +93,7 @@ from torch import nn
 
 from ibot_fast.fused_loss import (_check_inplace, _compute_dtype, sinkhorn_knopp_center,
                                   soft_ce, teacher_col_sum)
+from ibot_fast.masking import patch_token_weights
 from ibot_fast.schedules import teacher_temp_schedule
 
 __all__ = ["IBOTLoss", "IBOTLossReference", "LOSS_BACKENDS", "CENTERINGS", "masked_patch_rows",
@@ -388,8 +389,7 @@ def masked_patch_rows(student_mask: Sequence[torch.Tensor], ngcrops: int,
     N = student_mask[0][0].numel()
     mask_QBN = torch.stack([student_mask[q].reshape(B, N) for q in range(ngcrops)])
     mask_QBN = mask_QBN.to(device=device or mask_QBN.device, dtype=torch.bool)
-    count_QB1 = mask_QBN.sum(dim=-1, keepdim=True).clamp(min=1)
-    weight_T = (mask_QBN / count_QB1 / (ngcrops * B)).reshape(-1).float()
+    weight_T = patch_token_weights(mask_QBN)  # the same weights MaskBatch carries
     mask_T = mask_QBN.reshape(-1)
     if max_rows is None:
         row_idx = torch.nonzero(mask_T).squeeze(1)

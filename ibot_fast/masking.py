@@ -516,6 +516,19 @@ def _seed_value(seed) -> int:
     return int(seed)
 
 
+def patch_token_weights(masks_CBN: torch.Tensor) -> torch.Tensor:
+    """Per-token patch-loss weights of bool masks ``[C, B, N]``, flattened crop-major (token
+    ``(c*B + b)*N + n``): ``1 / (masked count of image b in crop c) / (B*C)`` for a masked
+    token, 0 otherwise. Weighting rows this way and summing reproduces the reference's
+    per-image mean over masked tokens, then the mean over all B images (an image with no
+    masked token counts as 0), then over the C global crops. fp32, computed in fp64."""
+    C, B, _ = masks_CBN.shape
+    counts_CB1 = masks_CBN.sum(-1, keepdim=True, dtype=torch.float64)
+    w_CB1 = torch.where(counts_CB1 > 0, 1.0 / (counts_CB1 * (B * C)),
+                        torch.zeros((), dtype=torch.float64, device=masks_CBN.device))
+    return (masks_CBN * w_CB1).float().reshape(-1)
+
+
 class MaskBatch(list):
     """Masks of the global crops of one batch, plus the static-shape masked-token selection.
 
@@ -570,15 +583,14 @@ class MaskBatch(list):
         M = C * B * max_masked
         sel = masks_CBHW.reshape(-1).nonzero().squeeze(1)  # ascending flat token index
         n = sel.numel()
-        w_img = torch.where(counts_CB > 0, 1.0 / (counts_CB.double() * B * C),
-                            torch.zeros((), dtype=torch.float64)).float().reshape(-1)
+        w_T = patch_token_weights(masks_CBHW.reshape(C, B, N))
         dev = masks_CBHW.device
         idx_M = torch.zeros(M, dtype=torch.int64, device=dev)
         valid_M = torch.zeros(M, dtype=torch.bool, device=dev)
         weight_M = torch.zeros(M, dtype=torch.float32, device=dev)
         idx_M[:n] = sel
         valid_M[:n] = True
-        weight_M[:n] = w_img[sel // N]
+        weight_M[:n] = w_T[sel]
         return cls(masks_CBHW, idx_M, valid_M, weight_M, counts_CB,
                    torch.tensor(n, dtype=torch.int64, device=dev), max_masked)
 

@@ -182,6 +182,26 @@ def _teacher_tile_logits(zt_ptr, zt_row_stride, wt_ptr, wt_row_stride, c_ptr, pa
 
 
 @triton.jit
+def _teacher_target_tile(zt_ptr, zt_row_stride, wt_ptr, wt_row_stride, c_ptr, partner_ptr,
+                         weight_ptr, lse_t_ptr, rows, in_m, k, in_k, offs_d, in_d, inv_tau_t,
+                         P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """sum_p w_p softmax((t_p - c)/tau_t) on a [BLOCK_M, BLOCK_K] tile, with each partner's
+    logsumexp from the first pass (lse_t); shared by the loss/dz and the dW kernels."""
+    q = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for p in tl.static_range(P):
+        w_p = tl.load(weight_ptr + rows * P + p, mask=in_m, other=0.0)
+        live = w_p != 0.0
+        partner = tl.load(partner_ptr + rows * P + p, mask=live, other=0).to(tl.int64)
+        lse_p = tl.load(lse_t_ptr + rows * P + p, mask=in_m, other=0.0)
+        x = _teacher_tile_logits(zt_ptr, zt_row_stride, wt_ptr, wt_row_stride, c_ptr,
+                                 partner, live, k, in_k, offs_d, in_d, inv_tau_t,
+                                 DOT_PRECISION)
+        q += w_p[:, None] * tl.exp(x - lse_p[:, None])
+    return q
+
+
+@triton.jit
 def _soft_ce_linear_fwd_kernel(
     zs_ptr, zs_row_stride,      # student bottleneck [M, D]
     ws_ptr, ws_row_stride,      # student last layer [K, D]
@@ -252,16 +272,9 @@ def _soft_ce_linear_fwd_kernel(
         ws = tl.load(ws_ptr + k[:, None].to(tl.int64) * ws_row_stride + offs_d[None, :],
                      mask=in_k[:, None] & in_d[None, :], other=0.0).to(tl.float32)
         s = tl.dot(zs, tl.trans(ws), input_precision=DOT_PRECISION) * inv_tau_s
-        q = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-        for p in tl.static_range(P):
-            w_p = tl.load(weight_ptr + rows * P + p, mask=in_m, other=0.0)
-            live = w_p != 0.0
-            partner = tl.load(partner_ptr + rows * P + p, mask=live, other=0).to(tl.int64)
-            lse_p = tl.load(lse_t_ptr + rows * P + p, mask=in_m, other=0.0)
-            x = _teacher_tile_logits(zt_ptr, zt_row_stride, wt_ptr, wt_row_stride, c_ptr,
-                                     partner, live, k, in_k, offs_d, in_d, inv_tau_t,
-                                     DOT_PRECISION)
-            q += w_p[:, None] * tl.exp(x - lse_p[:, None])
+        q = _teacher_target_tile(zt_ptr, zt_row_stride, wt_ptr, wt_row_stride, c_ptr,
+                                 partner_ptr, weight_ptr, lse_t_ptr, rows, in_m, k, in_k,
+                                 offs_d, in_d, inv_tau_t, P, BLOCK_M, BLOCK_K, DOT_PRECISION)
         neg_logp = lse_s[:, None] - s
         keep = in_k[None, :] & in_m[:, None]
         acc += tl.where(keep, q * neg_logp, 0.0)
@@ -295,18 +308,12 @@ def _soft_ce_linear_dw_kernel(
                      mask=in_m[:, None] & in_d[None, :], other=0.0).to(tl.float32)
         s = tl.dot(zs, tl.trans(ws), input_precision=DOT_PRECISION) * inv_tau_s
         lse_s = tl.load(lse_s_ptr + rows, mask=in_m, other=0.0)
-        q = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        q = _teacher_target_tile(zt_ptr, zt_row_stride, wt_ptr, wt_row_stride, c_ptr,
+                                 partner_ptr, weight_ptr, lse_t_ptr, rows, in_m, k, in_k,
+                                 offs_d, in_d, inv_tau_t, P, BLOCK_M, BLOCK_K, DOT_PRECISION)
         w_sum = tl.zeros([BLOCK_M], tl.float32)
         for p in tl.static_range(P):
-            w_p = tl.load(weight_ptr + rows * P + p, mask=in_m, other=0.0)
-            live = w_p != 0.0
-            partner = tl.load(partner_ptr + rows * P + p, mask=live, other=0).to(tl.int64)
-            lse_p = tl.load(lse_t_ptr + rows * P + p, mask=in_m, other=0.0)
-            x = _teacher_tile_logits(zt_ptr, zt_row_stride, wt_ptr, wt_row_stride, c_ptr,
-                                     partner, live, k, in_k, offs_d, in_d, inv_tau_t,
-                                     DOT_PRECISION)
-            q += w_p[:, None] * tl.exp(x - lse_p[:, None])
-            w_sum += w_p
+            w_sum += tl.load(weight_ptr + rows * P + p, mask=in_m, other=0.0)
         keep = in_k[None, :] & in_m[:, None]
         g = tl.where(keep, (w_sum[:, None] * tl.exp(s - lse_s[:, None]) - q) * inv_tau_s, 0.0)
         dws += tl.dot(tl.trans(g), zs, input_precision=DOT_PRECISION)

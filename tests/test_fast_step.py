@@ -19,6 +19,7 @@ from ibot_fast.models import build_ibot_models
 from ibot_fast.models.packed import (PackedBlock, check_attn_backend, draw_subsets,
                                      packed_attention)
 from ibot_fast.train import Trainer
+from test_train import _torchrun as _torchrun_tiny
 
 # vit_nano (4 blocks, width 128), 16-px globals / 8-px locals with 8-px patches (2x2 / 1x1
 # grids), 2 local crops, drop path 0.1 (the coins matter), clipping that bites.
@@ -402,18 +403,7 @@ def test_compiled_blocks_do_not_recompile(tmp_path):
 
 # ------------------------------------------------------------------------------ DDP (gloo)
 def _torchrun(nproc, out, batch, tmp_path, *extra):
-    import subprocess
-    import sys
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(nproc), "-m", "ibot_fast.train", *TINY,
-           "--data_path", "synthetic:16", "--output_dir", str(out), "--epochs", "2",
-           "--batch_size_per_gpu", str(batch), "--drop_path", "0", "--precision", "fp64",
-           *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo)
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _torchrun_tiny(nproc, out, batch, tmp_path, *extra, config=TINY)
 
 
 @pytest.mark.slow

@@ -219,11 +219,12 @@ def test_resume_equals_straight_run(tmp_path, workers):
 
 
 # --------------------------------------------------------------------------- DDP
-def _torchrun(nproc, out, batch, tmp_path):
+def _torchrun(nproc, out, batch, tmp_path, *extra, config=TINY):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(nproc), "-m", "ibot_fast.train", *TINY,
+           "--nproc_per_node", str(nproc), "-m", "ibot_fast.train", *config,
            "--data_path", "synthetic:16", "--output_dir", str(out), "--epochs", "2",
-           "--batch_size_per_gpu", str(batch), "--drop_path", "0", "--precision", "fp64"]
+           "--batch_size_per_gpu", str(batch), "--drop_path", "0", "--precision", "fp64",
+           *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
