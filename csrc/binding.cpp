@@ -83,6 +83,9 @@ std::vector<at::Tensor> mask_batch(const at::Tensor& sample_ids_in, uint64_t see
 
   if (dev.is_cpu()) {
     TORCH_CHECK(n_threads >= 1, "n_threads must be >= 1, got ", n_threads);
+    const int64_t* id_p = ids.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)  // the stream takes ids as unsigned: negatives would alias
+      TORCH_CHECK_VALUE(id_p[b] >= 0, "sample_ids must be >= 0, got ", id_p[b]);
     std::vector<uint64_t> rows(selection ? (size_t)(C * B * height) : 0);
     ibot_mask::generate_cpu(cfg, ids.data_ptr<int64_t>(), B, C, seed, epoch, masks_p,
                             counts.data_ptr<int32_t>(), selection ? rows.data() : nullptr,

@@ -22,25 +22,45 @@ struct ByteSpread {
 };
 const ByteSpread kByteSpread;
 
+// Writes exactly W bytes. For W >= 8 the last group of 8 is stored at W - 8, overlapping the
+// previous one with the same bytes, so every store is a fixed 8-byte one (a variable-length
+// memcpy of the row was a libc call per row: ~10% of the generator's time).
 inline void row_to_bytes(uint64_t row, int W, uint8_t* out) {
-  uint8_t tmp[kMaxSide];
-  for (int j = 0; j < W; j += 8) {
-    const uint64_t spread = kByteSpread.v[(row >> j) & 0xFF];
-    memcpy(tmp + j, &spread, 8);
+  if (W < 8) {
+    for (int j = 0; j < W; ++j) out[j] = (uint8_t)((row >> j) & 1ull);
+    return;
   }
-  memcpy(out, tmp, (size_t)W);
+  int j = 0;
+  for (; j + 8 <= W; j += 8) {
+    const uint64_t spread = kByteSpread.v[(row >> j) & 0xFF];
+    memcpy(out + j, &spread, 8);
+  }
+  if (j < W) {
+    const uint64_t spread = kByteSpread.v[(row >> (W - 8)) & 0xFF];
+    memcpy(out + W - 8, &spread, 8);
+  }
 }
 
-}  // namespace
+// Masks first .. last-1 of generate_cpu. On x86-64 with GCC/Clang this is compiled twice, for
+// baseline x86-64 and for x86-64-v2 (hardware popcnt, SSE4.1 roundsd for rint), and the loader
+// picks the one the CPU supports: 1.1-1.2x faster on the v2 machines every x86 server of the
+// last decade is. v2 has no FMA, so both clones do the very same double arithmetic (same
+// masks; no contraction either way).
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define IBOT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v2", "default")))
+#endif
+#endif
+#ifndef IBOT_CPU_CLONES
+#define IBOT_CPU_CLONES
+#endif
 
-void generate_cpu(const Config& cfg, const int64_t* sample_ids, int64_t B, int64_t C,
-                  uint64_t seed, int64_t epoch, uint8_t* masks, int32_t* counts,
-                  uint64_t* rows_out, int n_threads, int16_t* rects, int rect_cap,
-                  int32_t* n_rects) {
-  const int64_t n_masks = B * C, H = cfg.height, W = cfg.width;
-  // Dynamic chunks: masks cost anything from nothing (ratio 0) to a few dozen attempts.
-#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 16)
-  for (int64_t k = 0; k < n_masks; ++k) {
+IBOT_CPU_CLONES
+void generate_range(const Config& cfg, const int64_t* sample_ids, int64_t B, int64_t first,
+                    int64_t last, uint64_t seed, int64_t epoch, uint8_t* masks, int32_t* counts,
+                    uint64_t* rows_out, int16_t* rects, int rect_cap, int32_t* n_rects) {
+  const int64_t H = cfg.height, W = cfg.width;
+  for (int64_t k = first; k < last; ++k) {
     const int64_t c = k / B, b = k % B;
     uint64_t rows_local[kMaxSide];
     uint64_t* rows = rows_out ? rows_out + k * H : rows_local;
@@ -51,6 +71,28 @@ void generate_cpu(const Config& cfg, const int64_t* sample_ids, int64_t B, int64
     if (n_rects) n_rects[k] = nr;
     uint8_t* out = masks + k * H * W;
     for (int64_t i = 0; i < H; ++i) row_to_bytes(rows[i], (int)W, out + i * W);
+  }
+}
+
+}  // namespace
+
+void generate_cpu(const Config& cfg, const int64_t* sample_ids, int64_t B, int64_t C,
+                  uint64_t seed, int64_t epoch, uint8_t* masks, int32_t* counts,
+                  uint64_t* rows_out, int n_threads, int16_t* rects, int rect_cap,
+                  int32_t* n_rects) {
+  const int64_t n_masks = B * C;
+  constexpr int64_t kChunk = 16;
+  if (n_threads <= 1) {  // no parallel region at all: it costs a few us even with one thread
+    generate_range(cfg, sample_ids, B, 0, n_masks, seed, epoch, masks, counts, rows_out, rects,
+                   rect_cap, n_rects);
+    return;
+  }
+  // Dynamic chunks: masks cost anything from nothing (ratio 0) to a few dozen attempts.
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
+  for (int64_t first = 0; first < n_masks; first += kChunk) {
+    const int64_t last = first + kChunk < n_masks ? first + kChunk : n_masks;
+    generate_range(cfg, sample_ids, B, first, last, seed, epoch, masks, counts, rows_out, rects,
+                   rect_cap, n_rects);
   }
 }
 

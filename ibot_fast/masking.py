@@ -52,8 +52,9 @@ above with a different random-number generator, so its masks match the Python on
 distribution, not bit for bit (tests/test_mask_ext.py checks the statistics).
 
 Seeds: the mask of crop ``c`` of sample ``i`` in epoch ``e`` is a pure function of
-``(seed, e, i, c)``. ``cpp``/``cuda`` use a Philox4x32-10 stream with key
-``splitmix64(splitmix64(seed) ^ e)`` and counter ``(draw, c, i mod 2^32, i >> 32)``; ``python``
+``(seed, e, i, c)``. ``cpp``/``cuda`` use one Philox4x32-10 block with key
+``splitmix64(splitmix64(seed) ^ e)`` and counter ``(0, c, i mod 2^32, i >> 32)`` for the ratio
+and the key of a SplitMix64 sequence that draws the rectangles (``csrc/mask_core.h``); ``python``
 uses ``random.Random(f"ibot_fast/mask/{seed}/{e}/{i}")`` for the crops of sample ``i`` in order.
 ``i`` is the dataset index in the torch data path, so masks do not depend on the number of
 ranks or workers, different images never share a stream, and a resumed run replays them. A
@@ -677,26 +678,48 @@ class MaskBatcher:
         self.backend = backend
         self.seed = _seed_value(seed)
         self.n_threads = n_threads
+        self._plans = {}
 
     def max_masked(self, height: int, width: int) -> int:
         """K, the static per-image bound that sizes the selection tensors."""
         return self.generator.max_masked(height, width)
 
+    def _plan(self, height, width, n_crops) -> tuple:
+        """Validated per-(grid, n_crops) arguments of the compiled generator, built once: a
+        batch then costs the training thread a dict lookup, not a re-validation (the whole
+        Python side of :meth:`generate` is ~10 us; the C++ call ~60-120 us per 256 masks)."""
+        key = (height, width, n_crops)
+        plan = self._plans.get(key)
+        if plan is None:
+            _check_grid(height, width)
+            if self.backend != "python" and (height > 64 or width > 64):
+                raise ValueError(f"mask grid {height}x{width}: the {self.backend} back end "
+                                 f"handles grids up to 64x64 patches; use --mask_backend python")
+            if not isinstance(n_crops, numbers.Integral) or n_crops < 1:
+                raise ValueError(f"n_crops must be a positive integer, got {n_crops!r}")
+            gen = self.generator
+            plan = (self.max_masked(height, width), [m for m, _ in gen._pairs],
+                    [v for _, v in gen._pairs], *gen._log_aspect, gen.pred_shape == "rand")
+            self._plans[key] = plan
+        return plan
+
     def _check(self, sample_ids, epoch, height, width, n_crops) -> torch.Tensor:
-        _check_grid(height, width)
-        if self.backend != "python" and (height > 64 or width > 64):
-            raise ValueError(f"mask grid {height}x{width}: the {self.backend} back end handles "
-                             f"grids up to 64x64 patches; use --mask_backend python")
-        if not isinstance(n_crops, numbers.Integral) or n_crops < 1:
-            raise ValueError(f"n_crops must be a positive integer, got {n_crops!r}")
+        self._plan(height, width, n_crops)
         if not isinstance(epoch, numbers.Integral) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
-        ids = torch.as_tensor(sample_ids)
-        if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"sample_ids must be a 1-D integer sequence, got "
-                             f"{ids.dtype} {tuple(ids.shape)}")
-        ids = ids.long()
-        if ids.device.type == "cpu" and ids.numel() and int(ids.min()) < 0:
+        if (isinstance(sample_ids, torch.Tensor) and sample_ids.dtype == torch.int64
+                and sample_ids.dim() == 1):
+            ids = sample_ids  # the common case (collate, DALI loader): no conversion
+        else:
+            ids = torch.as_tensor(sample_ids)
+            if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32, torch.int16,
+                                                   torch.uint8):
+                raise ValueError(f"sample_ids must be a 1-D integer sequence, got "
+                                 f"{ids.dtype} {tuple(ids.shape)}")
+            ids = ids.long()
+        # The compiled back ends check the sign in C++ (same ValueError, no extra tensor op);
+        # on a CUDA device nobody does, as that would cost a host sync.
+        if self.backend == "python" and ids.numel() and int(ids.min()) < 0:
             raise ValueError(f"sample_ids must be >= 0, got {int(ids.min())}")
         return ids
 
@@ -716,7 +739,7 @@ class MaskBatcher:
         selection tensors (they are then empty; masks and counts only).
         """
         ids = self._check(sample_ids, epoch, height, width, n_crops)
-        K = self.max_masked(height, width)
+        K, means, variances, log_lo, log_hi, shape_rand = self._plan(height, width, n_crops)
         gen = self.generator
         if self.backend == "python":
             if ids.device.type != "cpu":
@@ -738,15 +761,12 @@ class MaskBatcher:
             raise ValueError(f"mask backend {self.backend!r} needs sample_ids on "
                              f"{'a CUDA device' if self.backend == 'cuda' else 'the CPU'}, got "
                              f"{ids.device}")
-        means = [m for m, _ in gen._pairs]
-        variances = [v for _, v in gen._pairs]
-        log_lo, log_hi = gen._log_aspect
         n_threads = self.n_threads or max(1, min(torch.get_num_threads(),
                                                  ids.numel() * n_crops // 1024))
         out = _extension().mask_batch(
             ids, self.seed, int(epoch), int(n_crops), int(height), int(width), means, variances,
-            log_lo, log_hi, gen.pred_shape == "rand", epoch >= gen.pred_start_epoch, K,
-            n_threads, bool(selection))
+            log_lo, log_hi, shape_rand, epoch >= gen.pred_start_epoch, K, n_threads,
+            bool(selection))
         return MaskBatch(*out, K)
 
     def __repr__(self) -> str:

@@ -2,7 +2,7 @@
 MaskBatch) against the Python reference generator (ibot_fast.masking.block_mask, bit-identical to
 the reference's ImageFolderMask for a seed).
 
-The compiled generator uses its own random numbers (Philox), so it is compared in distribution:
+The compiled generator uses its own random numbers (Philox, SplitMix64), so it is compared in distribution:
 the reference statistics of reference-semantics.md 5.4 (10k masks per ratio on 14x14), the README
 recipe, and the shapes of the rectangles against the Python generator. Invariants (bound,
 rectangles, determinism, selection layout, loss weights) are checked exactly.
@@ -11,6 +11,9 @@ rectangles, determinism, selection layout, loss weights) are checked exactly.
 import math
 import random
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,6 +126,50 @@ def test_cpp_masks_are_unions_of_rectangles_shaped_like_python(height, width, ra
     for name, c, p in zip(("blocks per mask", "block area", "elongation"),
                           _shape_stats(cpp_rects), _shape_stats(py_rects)):
         assert abs(c - p) <= 0.05 * p, f"{name}: C++ {c:.3f} vs Python {p:.3f}"
+
+
+@needs_ext
+@pytest.mark.parametrize("aspect", [(0.5, 2.0), (0.3, 1 / 0.3), (0.1, 10.0)])
+def test_cpp_aspect_ranges_shaped_like_python(aspect):
+    # exp(+-t/2) of the log-aspect is an inline polynomial for |t/2| <= 0.75 (the first two
+    # ranges) and libm's exp beyond (the third): both must give the Python generator's shapes.
+    n, ratio = 4000, 0.4
+    masks, counts, rects, n_rects = ext().block_rects(
+        torch.arange(n), 8, 0, 1, 14, 14, [ratio], [0.0], math.log(aspect[0]),
+        math.log(aspect[1]), True, 1)
+    cpp_rects = [rects[0, k, :n_rects[0, k]].tolist() for k in range(n)]
+    rng = random.Random(12)
+    py = [block_mask(14, 14, ratio, rng, aspect=aspect, return_blocks=True) for _ in range(n)]
+    py_counts = np.array([m.sum() for m, _ in py], dtype=float)
+    assert abs(counts[0].double().mean().item() - py_counts.mean()) <= 0.01 * py_counts.mean()
+    for name, c, p in zip(("blocks per mask", "block area", "elongation"),
+                          _shape_stats(cpp_rects), _shape_stats([r for _, r in py])):
+        assert abs(c - p) <= 0.05 * p, f"{aspect} {name}: C++ {c:.3f} vs Python {p:.3f}"
+
+
+@needs_ext
+def test_cpp_thread_count_and_chunking_do_not_change_masks():
+    # One thread runs without an OpenMP region, more threads in chunks of 16 masks: same bits.
+    gen = MaskGenerator.from_preset("vit_small_readme")
+    ids = torch.arange(1000) * 7 + 3
+    one = MaskBatcher(gen, "cpp", seed=21, n_threads=1).generate(ids, 2, 14, 14, 2)
+    for n_threads in (2, 3):
+        many = MaskBatcher(gen, "cpp", seed=21, n_threads=n_threads).generate(ids, 2, 14, 14, 2)
+        for field in MaskBatch._FIELDS:
+            assert torch.equal(getattr(one, field), getattr(many, field)), (n_threads, field)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
+def test_cuda_source_compiles_without_a_gpu(tmp_path):
+    # mask_cuda.cu includes only <cuda_runtime.h> and the plain-C++ core, so nvcc checks the
+    # kernel (and the core's __device__ side) here, with setup.py's nvcc flags.
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        ["nvcc", "-arch=sm_90", "-O3", "--fmad=false", "-c",
+         str(root / "csrc" / "mask_cuda.cu"), "-o", str(tmp_path / "mask_cuda.o")],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "mask_cuda.o").stat().st_size > 0
 
 
 @needs_ext
