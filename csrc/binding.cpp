@@ -87,20 +87,25 @@ std::vector<at::Tensor> mask_batch(const at::Tensor& sample_ids_in, uint64_t see
     for (int64_t b = 0; b < B; ++b)  // the stream takes ids as unsigned: negatives would alias
       TORCH_CHECK_VALUE(id_p[b] >= 0, "sample_ids must be >= 0, got ", id_p[b]);
     std::vector<uint64_t> rows(selection ? (size_t)(C * B * height) : 0);
-    ibot_mask::generate_cpu(cfg, ids.data_ptr<int64_t>(), B, C, seed, epoch, masks_p,
-                            counts.data_ptr<int32_t>(), selection ? rows.data() : nullptr,
-                            (int)n_threads, nullptr, 0, nullptr);
-    // The per-image bound is what sizes M: a larger mask would mean a wrong max_masked.
     const int32_t* cp = counts.data_ptr<int32_t>();
-    for (int64_t k = 0; k < C * B; ++k)
-      TORCH_CHECK(cp[k] <= max_masked, "a mask has ", cp[k], " cells, above max_masked ",
-                  max_masked, ": the bound does not match the ratio configuration");
-    if (selection) {
-      ibot_mask::fill_selection_cpu(rows.data(), cp, C, B, height, width, M,
-                                    idx.data_ptr<int64_t>(), valid_p, weight.data_ptr<float>(),
-                                    n_valid.data_ptr<int64_t>());
-    } else {
-      n_valid.fill_(0);
+    {
+      // Plain memory work on tensors this call owns: let other Python threads run meanwhile
+      // (the DALI loader draws a batch's masks on a background thread).
+      pybind11::gil_scoped_release no_gil;
+      ibot_mask::generate_cpu(cfg, ids.data_ptr<int64_t>(), B, C, seed, epoch, masks_p,
+                              counts.data_ptr<int32_t>(), selection ? rows.data() : nullptr,
+                              (int)n_threads, nullptr, 0, nullptr);
+      // The per-image bound is what sizes M: a larger mask would mean a wrong max_masked.
+      for (int64_t k = 0; k < C * B; ++k)
+        TORCH_CHECK(cp[k] <= max_masked, "a mask has ", cp[k], " cells, above max_masked ",
+                    max_masked, ": the bound does not match the ratio configuration");
+      if (selection) {
+        ibot_mask::fill_selection_cpu(rows.data(), cp, C, B, height, width, M,
+                                      idx.data_ptr<int64_t>(), valid_p,
+                                      weight.data_ptr<float>(), n_valid.data_ptr<int64_t>());
+      } else {
+        *n_valid.data_ptr<int64_t>() = 0;
+      }
     }
     return {masks, idx, valid, weight, counts, n_valid};
   }

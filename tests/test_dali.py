@@ -614,3 +614,53 @@ def test_batch_mask_api(photo_folder, backend):
     else:
         want = batcher.generate(dbg["index"], 0, 4, 4, 2)
         assert all(torch.equal(a, b) for a, b in zip(masks, want))
+
+
+def test_masks_ahead_equal_masks_drawn_on_the_training_thread(bad_folder):
+    """cpp masks drawn ahead on the background thread are the ones the training thread would
+    draw, batch for batch, across epochs, a resume and a pipeline rebuilt after an undecodable
+    file; and they are really drawn ahead (every batch served from the thread)."""
+    from ibot_fast.masking import MaskBatch, MaskBatcher, extension_available
+
+    if not extension_available():
+        pytest.skip("the C++ mask extension is not built")
+    _, samples = bad_folder
+    gen = MaskGenerator(0.3, 0.1)
+
+    def masks_of(ahead, epochs=(0, 1), state=None):
+        ld = loader(samples, batch=4, mask_batcher=MaskBatcher(gen, "cpp", seed=5),
+                    masks_ahead=ahead)
+        assert ld.masks_ahead == ahead
+        out = []
+        for epoch in epochs:
+            if state is not None:
+                ld.load_state_dict(state)
+            else:
+                ld.set_epoch(epoch)
+            for _, _, m, dbg in ld:
+                assert isinstance(m, MaskBatch)
+                want = ld.mask_batcher.generate(dbg["index"].view(-1), ld.epoch, 4, 4, 2)
+                for f in MaskBatch._FIELDS:  # keyed on the indices actually used
+                    assert torch.equal(getattr(m, f), getattr(want, f)), f
+                out.append(m)
+        return ld, out
+
+    ld_in, inline = masks_of(False)
+    ld_ah, ahead = masks_of(True)
+    assert ld_in.masks_ahead_used == 0
+    assert ld_ah.masks_ahead_used == len(ahead) == len(inline) == 2 * (len(samples) // 4)
+    assert ld_ah.num_bad == 2  # the truncated JPEG forced a pipeline rebuild mid-epoch
+    for a, b in zip(inline, ahead):
+        assert torch.equal(a.masks_CBHW, b.masks_CBHW) and torch.equal(a.idx_M, b.idx_M)
+    _, resumed = masks_of(True, epochs=(1,), state={"epoch": 1, "samples_consumed": 8})
+    for a, b in zip(inline[len(inline) // 2 + 2:], resumed):
+        assert torch.equal(a.masks_CBHW, b.masks_CBHW)
+
+
+def test_masks_ahead_only_for_the_cpp_back_end(photo_folder):
+    from ibot_fast.masking import MaskBatcher
+
+    _, samples = photo_folder
+    gen = MaskGenerator(0.3, 0.0)
+    assert not loader(samples[:8], mask_batcher=MaskBatcher(gen, "python", seed=0)).masks_ahead
+    assert not loader(samples[:8]).masks_ahead  # no batcher: per-sample masks in the source

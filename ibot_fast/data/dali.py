@@ -45,9 +45,12 @@ The views, op by op (reference -> here)
 * ToTensor + Normalize: ``crop_mirror_normalize`` to CHW in the output dtype (float32 or
   float16 in DALI; other training dtypes are cast by torch afterwards).
 
-Masks are drawn by the existing `MaskGenerator` inside the external source (`make_masks`, the
-one place to switch to a batch mask API) and leave the pipeline as a CPU output, so they never
-cost the training thread any time.
+Masks: with ``mask_batcher`` of the ``cpp`` back end (the default when the extension is built)
+the external source hands each batch's image indices to a background thread as soon as it has
+them, ``prefetch`` batches ahead, and the C++ generator (which releases the GIL) draws the
+batch's ``MaskBatch`` there; the training thread only collects it (``masks_ahead=False`` draws
+it on the training thread instead). ``cuda`` defers them to the GPU in the trainer; ``python``
+or no batcher draws them per sample with `MaskGenerator` inside the source (`make_masks`).
 
 Bad files: the external source reads every file and parses its header (cached after the first
 time); a file that cannot be identified is replaced by the next readable index, logged once and
@@ -417,6 +420,8 @@ class _BatchSource:
         self.bad: set[int] = set()
         self.epoch, self.start_batch, self.num_batches = 0, 0, 0
         self.order = np.zeros(0, dtype=np.int64)
+        # loader hook: (epoch, batch, used indices) -> start that batch's masks in the background
+        self.masks_ahead = None
 
     def target(self, epoch: int, start_batch: int, start_sample: int = 0):
         """Serve `epoch` from global sample `start_sample`, skipping `start_batch` batches."""
@@ -494,6 +499,8 @@ class _BatchSource:
                                self.num_masked, self.grid).astype(np.uint8)
         else:  # drawn by the batch mask API after the pipeline
             masks = np.zeros((len(used), 0), dtype=np.uint8)
+            if self.masks_ahead is not None:
+                self.masks_ahead(self.epoch, b, used)
         return data, labels, params, mats, masks, used
 
 
@@ -649,7 +656,7 @@ class DALIMultiCropLoader:
                  device_id: Optional[int] = 0, num_threads: int = 4,
                  dtype: torch.dtype = torch.float32, skip_bad: bool = True,
                  max_bad_retries: int = 100, prefetch: int = 2, debug: bool = False,
-                 mask_batcher=None):
+                 mask_batcher=None, masks_ahead: bool = True):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         if batch_size < 1:
@@ -676,6 +683,17 @@ class DALIMultiCropLoader:
         self.source = _BatchSource(list(samples), spec, mask_generator, patch_size, num_masked,
                                    batch_size, seed, rank, world_size, skip_bad,
                                    max_bad_retries, debug, source_masks)
+        # masks_ahead (cpp back end): the source starts each batch's masks on a background thread
+        # as soon as it knows the batch's image indices (DALI calls it `prefetch` batches
+        # ahead); `_masks` then only collects the result. The C++ generator releases the GIL.
+        # False: drawn on the training thread when the batch comes out (the reference path).
+        self.masks_ahead = bool(masks_ahead) and not source_masks and \
+            mask_batcher.backend == "cpp"
+        self._mask_pool = None
+        self._mask_jobs: dict = {}  # (epoch, batch) -> (used indices, Future of the MaskBatch)
+        self.masks_ahead_used = 0  # batches whose masks came from the background thread
+        if self.masks_ahead:
+            self.source.masks_ahead = self._start_masks
         self.source.target(0, 0)
         self.world_size = world_size
         self.full_epoch_batches = self.source.num_batches
@@ -695,6 +713,7 @@ class DALIMultiCropLoader:
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.start_sample, self.consumed_batches = int(epoch), 0, 0
+            self._mask_jobs.clear()  # an epoch left early (e.g. --max_steps) leaves some
 
     def state_dict(self) -> dict:
         """{"epoch", "samples_consumed"}: samples of the epoch consumed by all ranks together
@@ -707,6 +726,7 @@ class DALIMultiCropLoader:
         start = int(state["samples_consumed"])
         epoch_indices(len(self.source.samples), 0, 0, 0, self.world_size, start=start)  # checks
         self.epoch, self.start_sample, self.consumed_batches = int(state["epoch"]), start, 0
+        self._mask_jobs.clear()
 
     @property
     def bad_paths(self) -> list[str]:
@@ -770,6 +790,7 @@ class DALIMultiCropLoader:
                 self.consumed_batches += 1
                 yield self._to_batch(out)
             del it
+            self._mask_jobs.clear()  # batches prefetched but never consumed (or to be redone)
             if not rebuild:
                 break
         # The epoch is done: a new iteration (or `set_epoch`) starts the next one.
@@ -787,12 +808,27 @@ class DALIMultiCropLoader:
             return crops, labels, masks, {"params": out["params"], "index": index}
         return crops, labels, masks
 
+    def _start_masks(self, epoch: int, b: int, used: np.ndarray) -> None:
+        """Source hook (masks_ahead): generate batch `b`'s masks on the background thread."""
+        if self._mask_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ibot-masks")
+        ids = torch.from_numpy(used.copy())
+        H, W = self.source.grid
+        self._mask_jobs[(epoch, b)] = (ids, self._mask_pool.submit(
+            self.mask_batcher.generate, ids, epoch, H, W, self.source.num_masked))
+
     def _masks(self, masks_BN, index):
         """The batch's masks in the torch loader's form (plain list, or the batch API's)."""
         src = self.source
         if self.mask_batcher is not None and not src.draw_masks:
             H, W = src.grid
-            args = (index.cpu(), self.epoch, H, W, src.num_masked)
+            ids = index.cpu()
+            job = self._mask_jobs.pop((self.epoch, self.consumed_batches - 1), None)
+            if job is not None and torch.equal(job[0], ids):
+                self.masks_ahead_used += 1
+                return job[1].result()  # normally finished long ago: no training-thread work
+            args = (ids, self.epoch, H, W, src.num_masked)
             if self.mask_batcher.backend == "cuda":  # drawn on the GPU by the trainer
                 return self.mask_batcher.request(*args)
             return self.mask_batcher.generate(*args)
