@@ -11,10 +11,17 @@ Variants (names as in ibot_fast/fast_step.py and tests/test_fast_step.py):
   every token (local patch logits thrown away), the dense fp32 loss (``IBOTLossReference``),
   ``loss.item()`` for the finiteness check, per-parameter clipping with one ``.item()`` per
   tensor, for-loop AdamW, a Python-loop EMA with three kernels per tensor.
+* ``reference`` -- the real reference: ``ibot_fast.reference_repo.ReferenceTrainStep``, the
+  networks, loss and loop body of the bytedance/ibot checkout in ``IBOT_REFERENCE_REPO`` (its
+  own ViT, iBOTHead, iBOTLoss, clipping, EMA; skipped when the variable is unset). Its random
+  initial weights differ from the others' (same shapes, same work).
 * ``fast`` -- ``Trainer.train_step`` with ``--fast_step true`` (selected-token head, teacher
   centre by linearity, packed crops, SDPA, fused loss, fused AdamW, flat EMA).
-* ``fast_compile`` -- the same with ``--compile true`` (GPU; on the CPU only with
-  ``IBOT_BENCH_COMPILE=1``, ~1 min of compilation on 2 busy cores).
+* ``fast_fused`` -- ``fast`` with ``--fused_head_loss true`` (the patch head's K2-way layer
+  inside the loss, ``soft_ce_linear``: no ``[M, K2]`` logits).
+* ``fast_compile`` / ``fast_compile_step`` -- ``fast`` with ``--compile blocks`` / ``--compile
+  step`` (GPU; on the CPU only with ``IBOT_BENCH_COMPILE=1``, minutes of compilation on 2 busy
+  cores).
 
 Inputs are synthetic and already on the device (random crops; README-recipe masks from the
 batch API), so the model alone is measured. Each benchmark reports in ``extra_info``: img/s,
@@ -58,7 +65,7 @@ GPU_CASES = {
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per GPU
 
 
-def _argv(case, fast: bool, precision: str, device: str, compile_: bool = False):
+def _argv(case, fast: bool, precision: str, device: str, compile_=False, fused: bool = False):
     return ["--arch", case["arch"], "--patch_size", "16", "--global_crops_size", str(case["g"]),
             "--local_crops_size", str(case["l"]), "--local_crops_number", str(case["nl"]),
             "--batch_size_per_gpu", str(case["B"]), "--out_dim", "8192", "--shared_head", "true",
@@ -67,7 +74,7 @@ def _argv(case, fast: bool, precision: str, device: str, compile_: bool = False)
             "--data_path", f"synthetic:{case['B']}", "--output_dir", "/tmp/ibot_bench_step",
             "--epochs", "100", "--warmup_teacher_temp_epochs", "30", "--progress", "false",
             "--fast_step", str(fast).lower(), "--compile", str(compile_).lower(),
-            "--mask_backend", "python"]
+            "--fused_head_loss", str(fused).lower(), "--mask_backend", "python"]
 
 
 def make_batch(case, device, dtype, seed=0):
@@ -123,6 +130,20 @@ def reference_style_step(tr: Trainer, loss_fn, images, masks, epoch: int, it: in
     return loss.detach()
 
 
+def build_reference(case, precision, device):
+    """The real reference's step (IBOT_REFERENCE_REPO); skips the benchmark without it."""
+    repo = os.environ.get("IBOT_REFERENCE_REPO")
+    if not repo:
+        pytest.skip("set IBOT_REFERENCE_REPO to a bytedance/ibot checkout")
+    from ibot_fast.reference_repo import ReferenceTrainStep, load_reference
+
+    torch.manual_seed(0)
+    # synthetic:B with batch B: one iteration per epoch, as the Trainer of the other variants
+    return ReferenceTrainStep(load_reference(repo), parse_args(_argv(case, False, precision,
+                                                                     device)),
+                              iters_per_epoch=1, device=device)
+
+
 def build_refstyle(case, precision, device):
     tr = Trainer(parse_args(_argv(case, False, precision, device)))
     for m in (tr.student_without_ddp, tr.teacher):
@@ -164,14 +185,18 @@ def _run_case(benchmark, variant, case, precision, device, rounds, it=50):
     if variant == "refstyle":
         tr, loss_fn = build_refstyle(case, precision, device)
         step = lambda: reference_style_step(tr, loss_fn, images, masks, 1, it)  # noqa: E731
+    elif variant == "reference":
+        tr = build_reference(case, precision, device)
+        step = lambda: tr(images, list(masks), 1, it)["loss"]  # noqa: E731
     else:
-        tr = Trainer(parse_args(_argv(case, True, precision, device,
-                                      compile_=variant == "fast_compile")))
+        compile_ = {"fast_compile": "blocks", "fast_compile_step": "step"}.get(variant, False)
+        tr = Trainer(parse_args(_argv(case, True, precision, device, compile_=compile_,
+                                      fused=variant == "fast_fused")))
         step = lambda: tr.train_step(images, masks, 1, it)["loss"]  # noqa: E731
     step()  # warm-up (compiles, allocator)
     # the fast step's FLOPs: the work the loss needs (MFU numerator for both variants)
     fast_flops = None
-    if variant != "refstyle":
+    if variant not in ("refstyle", "reference"):
         fast_flops = count_flops(step)
     flops = fast_flops if fast_flops is not None else count_flops(step)
     _sync(device)
@@ -196,8 +221,9 @@ def _run_case(benchmark, variant, case, precision, device, rounds, it=50):
 
 # ------------------------------------------------------------------------------ CPU groups
 @pytest.mark.parametrize("case_name", list(CPU_CASES))
-@pytest.mark.parametrize("variant", ["refstyle", "fast"]
-                         + (["fast_compile"] if os.environ.get("IBOT_BENCH_COMPILE") else []))
+@pytest.mark.parametrize("variant", ["refstyle", "reference", "fast", "fast_fused"]
+                         + (["fast_compile", "fast_compile_step"]
+                            if os.environ.get("IBOT_BENCH_COMPILE") else []))
 def test_step_cpu(benchmark, case_name, variant):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     benchmark.group = f"step cpu {case_name} 2x96+4x48 B=8 fp32"
@@ -209,7 +235,8 @@ def test_step_cpu(benchmark, case_name, variant):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("case_name", list(GPU_CASES))
-@pytest.mark.parametrize("variant", ["refstyle", "fast", "fast_compile"])
+@pytest.mark.parametrize("variant", ["refstyle", "reference", "fast", "fast_fused",
+                                     "fast_compile", "fast_compile_step"])
 def test_step_gpu(benchmark, case_name, variant):
     case = GPU_CASES[case_name]
     benchmark.group = f"step gpu {case_name}/16 2x224+10x96 B={case['B']} bf16"
@@ -217,7 +244,7 @@ def test_step_gpu(benchmark, case_name, variant):
     # so the comparison is the computation pattern, not the number format
     tr, info = _run_case(benchmark, variant, case, "bf16", "cuda", rounds=20)
     peak = _peak_tflops("cuda")
-    if peak and variant != "refstyle":
+    if peak and variant not in ("refstyle", "reference"):
         benchmark.extra_info["mfu"] = info["achieved_tflops"] / peak
 
 

@@ -50,6 +50,17 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
+def _compile_mode(value: str):
+    """``--compile false|blocks|step``; ``true`` is ``blocks`` (older command lines)."""
+    if value.lower() in ("blocks", "step"):
+        return value.lower()
+    try:
+        return "blocks" if _bool(value) else False
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected false, blocks (= true) or step, got {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         "ibot_fast.train", description="iBOT pre-training of Vision Transformers",
@@ -128,8 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast step: head on [CLS] + masked tokens only, or on every token")
     g.add_argument("--packed_crops", type=_bool, default=True,
                    help="fast step: global and local crops through each block in one pass")
-    g.add_argument("--compile", type=_bool, default=False,
-                   help="fast step: torch.compile the blocks (static shapes)")
+    g.add_argument("--compile", type=_compile_mode, default=False,
+                   help="fast step: torch.compile with static shapes: 'blocks' (= true) each "
+                        "transformer block, 'step' teacher + student forward + loss as one "
+                        "graph (needs --head_tokens selected, not with --fsdp); false: eager")
+    g.add_argument("--fused_head_loss", type=_bool, default=False,
+                   help="fast step, --head_tokens selected: the patch head's K2-way last "
+                        "layer runs inside the patch loss (soft_ce_linear), so no [M, K2] "
+                        "logits tensor is materialised (student or teacher)")
     g.add_argument("--ema_backend", choices=["auto", "triton", "torch"], default="auto",
                    help="fast step: flat-buffer EMA kernel (triton on CUDA) or lerp_")
     g.add_argument("--ema_teacher_bf16", type=_bool, default=False,

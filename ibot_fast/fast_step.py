@@ -14,14 +14,28 @@ flag:
   (DESIGN.md step 3): the teacher MLP runs on every token (its bottleneck vectors are needed for
   the mean), the K-way layer on one mean vector. The loss is ``IBOTLoss.forward_selected``
   (fused ``soft_ce`` on the selected rows).
+* ``--fused_head_loss true`` (with ``selected``; default false): the patch head's K2-way last
+  layer moves into the patch loss (``IBOTLoss.forward_selected_linear`` ->
+  ``fused_loss.soft_ce_linear``): the student hands over its masked rows' bottleneck vectors
+  and the weight-normed ``last_layer2`` weight (autograd takes the weight's gradient on to
+  ``weight_v``/``weight_g``), the teacher its rows' vectors and weight, and neither ``[M, K2]``
+  logits tensor exists. [CLS] rows and the teacher centre (by linearity, as above) are
+  unchanged.
 * ``--packed_crops true`` (default): masked global crops and local crops go through each
   student block together as one flat token stream (LayerNorm, linears and MLP once; attention
   per crop: ``ibot_fast/models/packed.py``); ``false`` runs them in separate passes.
 * ``--attn_backend sdpa|math|xformers|flex|varlen`` (models/packed.py; sdpa is the default and
   the CPU path; the others fail with a clear message where they cannot run).
-* ``--compile true``: every block is ``torch.compile``d (``dynamic=False``): shapes are static
-  (padded mask indices, drop-path coins drawn outside as inputs), so nothing recompiles after
-  the first step whatever the masks.
+* ``--compile blocks`` (``true``): every block is ``torch.compile``d (``dynamic=False``): shapes
+  are static (padded mask indices, drop-path coins drawn outside as inputs), so nothing
+  recompiles after the first step whatever the masks.
+* ``--compile step`` (with ``selected``, not with FSDP): :meth:`FastStep.forward_loss` -- teacher
+  forward, student forward and loss -- is one ``torch.compile``d function (``dynamic=False``,
+  one graph, no graph break): the drop-path draws and the epoch's teacher temperatures (0-dim
+  tensors) are inputs, and the loss's torch back end takes every padded row instead of its
+  ``nonzero``, so neither new masks nor a new epoch recompile. The optimiser (fused AdamW) and
+  the EMA (one flat kernel) stay eager: single fused kernels already, and their per-step lr /
+  momentum floats would be recompiles.
 * Drop path: the per-sample coins are drawn before the blocks in the reference's order, so a
   seeded fast step drops the same samples; ``--drop_path_mode subset`` switches to DINOv2's
   compute-skipping stochastic depth (branch on a random subset, rescaled: same expectation,
@@ -49,6 +63,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ibot_fast.ema import FlatEMA
 from ibot_fast.masking import MaskBatch, MaskGenerator
@@ -59,6 +74,7 @@ from ibot_fast.optim import (build_optimizer, clip_gradients_per_tensor, get_par
 
 HEAD_TOKENS = ("selected", "all")
 DROP_PATH_MODES = ("sample", "subset")
+COMPILE_MODES = (False, "blocks", "step")
 
 
 def patch_token_rows(idx_M: torch.Tensor, n_patches: int) -> torch.Tensor:
@@ -74,6 +90,16 @@ def _head_logits(head, z_RD: torch.Tensor, n_cls: int):
         out = head.last_layer(z_RD)
         return out[:n_cls], out[n_cls:]
     return head.last_layer(z_RD[:n_cls]), head.last_layer2(z_RD[n_cls:])
+
+
+def _head_fused(head, z_RD: torch.Tensor, n_cls: int):
+    """``--fused_head_loss``: (cls logits [n_cls, K], patch bottleneck rows [R - n_cls, bd],
+    patch weight W2 [K2, bd]); the patch logits are left to ``soft_ce_linear``. W2 is the
+    module's weight-normed weight (autograd carries its gradient on to weight_v / weight_g);
+    a shared head computes it once for both uses."""
+    w_cls = head.last_layer.weight()
+    w_patch = w_cls if head.last_layer2 is head.last_layer else head.last_layer2.weight()
+    return F.linear(z_RD[:n_cls], w_cls), z_RD[n_cls:], w_patch
 
 
 class _Blocks:
@@ -107,17 +133,20 @@ class FastStudent(nn.Module):
 
     * ``sel_rows`` given (selected head): token-stream rows to run the head on ([CLS] of all
       crops first, ``n_cls`` of them, then the masked patch rows); returns
-      ``(cls logits [nc·B, K], patch logits [M, K2])``.
+      ``(cls logits [nc·B, K], patch logits [M, K2])``; with ``fused_head`` (``--fused_head_loss
+      true``) ``(cls logits, patch bottleneck rows [M, bd], patch last-layer weight [K2, bd])``.
     * ``sel_rows`` None (all tokens, the reference's head): returns the per-group head outputs
       as ``MultiCropWrapper`` gives them (``(cls, patch)`` for globals, ``cls`` for locals).
     """
 
-    def __init__(self, student, blocks: _Blocks, packed: bool, drop_path_mode: str):
+    def __init__(self, student, blocks: _Blocks, packed: bool, drop_path_mode: str,
+                 fused_head: bool = False):
         super().__init__()
         self.student = student  # MultiCropWrapper: .backbone, .head
         self._blocks = blocks   # a plain attribute: the runners are not extra modules here
         self.packed = packed
         self.drop_path_mode = drop_path_mode
+        self.fused_head = fused_head
 
     def _draws(self, layout, dtype, device):
         bb = self.student.backbone
@@ -128,14 +157,20 @@ class FastStudent(nn.Module):
             return None, draw_subsets(bb.blocks, sizes, device)
         return draw_drop_path_coins(bb.blocks, sizes, dtype, device), None
 
-    def tokens(self, crops, masks):
-        """Backbone before its final norm: (x [R, D], layout)."""
-        bb = self.student.backbone
-        x, layout = prepare_groups(bb, crops, masks)
+    def draws(self, crops):
+        """The drop-path draws of one step (coins or subsets), before any block runs."""
+        x = crops[0]
         # drop path acts on branch outputs: the autocast dtype under autocast
         dt = (torch.get_autocast_dtype(x.device.type)
               if torch.is_autocast_enabled(x.device.type) else x.dtype)
-        coins, subsets = self._draws(layout, dt, x.device)
+        return self._draws([(c.shape[0], None) for c in crops], dt, x.device)
+
+    def tokens(self, crops, masks, draws=None):
+        """Backbone before its final norm: (x [R, D], layout). ``draws``: from :meth:`draws`
+        (the whole-step compile draws outside the graph), else drawn here."""
+        bb = self.student.backbone
+        x, layout = prepare_groups(bb, crops, masks)
+        coins, subsets = self.draws(crops) if draws is None else draws
         if self.packed:
             return self._blocks.run(x, layout, coins, subsets), layout
         outs, start = [], 0
@@ -147,12 +182,12 @@ class FastStudent(nn.Module):
             start += b * t
         return (outs[0] if len(outs) == 1 else torch.cat(outs)), layout
 
-    def forward(self, crops, masks, sel_rows=None, n_cls: int = 0):
-        x, layout = self.tokens(crops, masks)
+    def forward(self, crops, masks, sel_rows=None, n_cls: int = 0, draws=None):
+        x, layout = self.tokens(crops, masks, draws)
         bb, head = self.student.backbone, self.student.head
         if sel_rows is not None:
             z = head.bottleneck(bb.norm(x.index_select(0, sel_rows)))
-            return _head_logits(head, z, n_cls)
+            return (_head_fused if self.fused_head else _head_logits)(head, z, n_cls)
         outs, start = [], 0
         for b, t in layout:
             y = bb.norm(x[start:start + b * t]).view(b, t, -1)
@@ -175,10 +210,26 @@ class FastStep:
         self.packed = getattr(args, "packed_crops", True)
         self.drop_path_mode = getattr(args, "drop_path_mode", "sample")
         self.compile = getattr(args, "compile", False)
+        if self.compile is True:  # --compile true (older command lines) means the blocks
+            self.compile = "blocks"
+        self.fused_head = getattr(args, "fused_head_loss", False)
         attn = getattr(args, "attn_backend", "sdpa")
         if self.head_tokens not in HEAD_TOKENS:
             raise ValueError(f"--head_tokens must be one of {HEAD_TOKENS}, got "
                              f"{self.head_tokens!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"--compile must be false, blocks (= true) or step, got "
+                             f"{self.compile!r}")
+        if self.fused_head and self.head_tokens != "selected":
+            raise ValueError("--fused_head_loss true fuses the patch head's last layer into "
+                             "the loss on the selected rows: it needs --head_tokens selected")
+        if self.compile == "step" and self.head_tokens != "selected":
+            raise ValueError("--compile step compiles the static-shape step of --head_tokens "
+                             "selected; with --head_tokens all use --compile blocks")
+        if self.compile == "step" and getattr(args, "fsdp", False):
+            raise ValueError("--compile step is not supported with --fsdp true (FSDP2's "
+                             "per-block all-gather hooks run inside the step); use --compile "
+                             "blocks")
         if self.drop_path_mode not in DROP_PATH_MODES:
             raise ValueError(f"--drop_path_mode must be one of {DROP_PATH_MODES}, got "
                              f"{self.drop_path_mode!r}")
@@ -216,10 +267,10 @@ class FastStep:
         # ---- blocks, the student module (DDP-wrapped when distributed) ----
         # compile_backend: not a flag (inductor); tests of the guards use "aot_eager"
         cb = getattr(args, "compile_backend", "inductor")
-        self.s_blocks = _Blocks(student.backbone, attn, self.compile, cb)
-        self.t_blocks = _Blocks(teacher.backbone, attn, self.compile, cb)
+        self.s_blocks = _Blocks(student.backbone, attn, self.compile == "blocks", cb)
+        self.t_blocks = _Blocks(teacher.backbone, attn, self.compile == "blocks", cb)
         self.fast_student = FastStudent(student, self.s_blocks, self.packed,
-                                        self.drop_path_mode)
+                                        self.drop_path_mode, self.fused_head)
         self.student_fwd = self.fast_student
         self.fsdp_teacher = None
         if self.fsdp:
@@ -238,6 +289,15 @@ class FastStep:
         self.params = [p for p in student.parameters() if p.requires_grad]
         self.last_layer_params = [p for n, p in student.named_parameters()
                                   if "last_layer" in n and p.requires_grad]
+        self._temps = (None, None)
+        self._step_fn = None
+        if self.compile == "step":
+            # one graph for teacher + student forward + loss (static shapes: padded mask
+            # indices; draws and temperatures are inputs). The optimiser (fused AdamW) and the
+            # EMA (one flat lerp_ / Triton kernel) are single fused kernels already and stay
+            # outside: compiling them gains nothing and their per-step lr / momentum floats
+            # would be recompiles.
+            self._step_fn = torch.compile(self.forward_loss, dynamic=False, backend=cb)
         self._max_masked = MaskGenerator(args.pred_ratio, args.pred_ratio_var,
                                          pred_shape=args.pred_shape,
                                          pred_start_epoch=args.pred_start_epoch).max_masked
@@ -282,14 +342,15 @@ class FastStep:
         return MaskBatch.from_masks(m, self._max_masked(*m.shape[-2:]))
 
     @torch.no_grad()
-    def teacher_forward(self, globals_, mb: MaskBatch | None):
-        """Teacher on the unmasked global crops.
+    def teacher_forward(self, globals_, idx_M: torch.Tensor | None):
+        """Teacher on the unmasked global crops; ``idx_M``: ``MaskBatch.idx_M`` (selected head)
+        or None (all tokens).
 
-        Selected head: ``(cls [ng·B, K], patch rows [M, K2], patch mean [K2])``; all tokens:
-        ``(cls, patch [ng·B, N, K2])`` as the reference's teacher output.
+        Selected head: ``(cls [ng·B, K], patch rows [M, K2], patch mean [K2])`` (with
+        ``--fused_head_loss`` the patch rows are ``(bottleneck rows [M, bd], W2 [K2, bd])``);
+        all tokens: ``(cls, patch [ng·B, N, K2])`` as the reference's teacher output.
         """
         teacher = self.tr.teacher
-        idx_M = None if mb is None else mb.idx_M
         if self.fsdp_teacher is not None:
             out = self.fsdp_teacher(globals_, idx_M)
             # the root group stays gathered after its forward (no backward to reshard it):
@@ -313,7 +374,11 @@ class FastStep:
         z = head.bottleneck(y)                       # [ng·B, 1+N, bottleneck], every token
         z_patch = z[:, 1:].reshape(-1, z.shape[-1])  # [ng·B·N, bottleneck]
         cls = head.last_layer(z[:, 0])
-        rows = head.last_layer2(z_patch.index_select(0, idx_M))
+        z_rows = z_patch.index_select(0, idx_M)
+        # fused: the K2-way layer stays inside the loss (soft_ce_linear); the weight is taken
+        # here, where a bf16 teacher copy or FSDP's all-gathered parameters are in place
+        rows = (z_rows, head.last_layer2.weight()) if self.fused_head else \
+            head.last_layer2(z_rows)
         # centre statistic by linearity: mean over all patch tokens of W ẑ = W (mean ẑ)
         mean = head.last_layer2(z_patch.mean(0, keepdim=True)).reshape(-1)
         return cls, rows, mean
@@ -340,16 +405,18 @@ class FastStep:
         selected = self.head_tokens == "selected"
         with tr.autocast():
             if selected:
-                t_cls, t_rows, t_mean = self.teacher_forward(globals_, mb)
                 N = mb.masks_CBHW.shape[-2] * mb.masks_CBHW.shape[-1]
                 # [CLS] rows of every crop group, then the masked patch rows of the globals
-                n_cls = sum(c.shape[0] for c in crops)
                 sel = torch.cat([self._cls_index(crops), patch_token_rows(mb.idx_M, N)])
-                s_cls_all, s_rows = self.student_fwd(crops, group_masks, sel, n_cls)
-                s_cls, s_local = s_cls_all[:ng * B], s_cls_all[ng * B:]
-                terms = tr.ibot_loss.forward_selected(
-                    s_cls, t_cls, s_local if self.nl > 0 else None, s_rows, t_rows,
-                    mb.weight_M, t_mean, epoch)
+                if self.compile == "step":
+                    # drop-path draws and this epoch's temperatures enter as inputs: the
+                    # compiled graph holds no RNG and no per-epoch constant
+                    terms, t_cls, s_cls = self._step_fn(
+                        globals_, crops, group_masks, mb.idx_M, mb.weight_M, sel,
+                        self.fast_student.draws(crops), epoch, self._temperatures(epoch))
+                else:
+                    terms, t_cls, s_cls = self.forward_loss(
+                        globals_, crops, group_masks, mb.idx_M, mb.weight_M, sel, None, epoch)
             else:
                 t_out = self.teacher_forward(globals_, None)
                 outs = self.student_fwd(crops, group_masks)
@@ -388,6 +455,38 @@ class FastStep:
         return {"loss": loss.detach(), "cls": terms["cls"].detach(),
                 "patch": terms["patch"].detach(), "acc": acc.float().mean(), "skipped": False}
 
+    def forward_loss(self, globals_, crops, group_masks, idx_M, weight_M, sel, draws, epoch,
+                     temperatures=None):
+        """Teacher forward, student forward and loss of the selected-head step: the function
+        ``--compile step`` compiles whole (static shapes). Returns ``(terms, teacher [CLS]
+        logits, student global [CLS] logits)``."""
+        tr, ng = self.tr, self.ng
+        B = globals_.shape[0] // ng
+        t_cls, t_rows, t_mean = self.teacher_forward(globals_, idx_M)
+        n_cls = sum(c.shape[0] for c in crops)
+        s_cls_all, *s_rows = self.student_fwd(crops, group_masks, sel, n_cls, draws)
+        s_cls, s_local = s_cls_all[:ng * B], s_cls_all[ng * B:]
+        s_local = s_local if self.nl > 0 else None
+        if self.fused_head:  # patch logits never materialised: (z, W) on both sides
+            terms = tr.ibot_loss.forward_selected_linear(
+                s_cls, t_cls, s_local, *s_rows, *t_rows, weight_M, t_mean, epoch,
+                temperatures=temperatures)
+        else:
+            terms = tr.ibot_loss.forward_selected(
+                s_cls, t_cls, s_local, s_rows[0], t_rows, weight_M, t_mean, epoch,
+                temperatures=temperatures)
+        return terms, t_cls, s_cls
+
+    def _temperatures(self, epoch):
+        """This epoch's teacher temperatures as 0-dim device tensors (made once per epoch: a
+        host-to-device copy per step would wait for the GPU)."""
+        if self._temps[0] != epoch:
+            tau, tau2 = self.tr.ibot_loss.temperatures(epoch)
+            dev = self.tr.device
+            self._temps = (epoch, (torch.tensor(tau, dtype=torch.float64, device=dev),
+                                   torch.tensor(tau2, dtype=torch.float64, device=dev)))
+        return self._temps[1]
+
     def _clip(self, params, clip):
         if self.fsdp:  # full-tensor norms of the sharded gradients (one all_reduce)
             from ibot_fast.fsdp import clip_gradients_per_tensor_sharded
@@ -410,7 +509,8 @@ def setup_fast_step(trainer):
         return FastStep(trainer)
     attn = getattr(args, "attn_backend", "sdpa")
     fast_only = {"compile": False, "drop_path_mode": "sample", "head_tokens": "selected",
-                 "packed_crops": True, "ema_teacher_bf16": False, "fsdp": False}
+                 "packed_crops": True, "ema_teacher_bf16": False, "fsdp": False,
+                 "fused_head_loss": False}
     for name, default in fast_only.items():
         if getattr(args, name, default) != default:
             raise ValueError(f"--{name} {getattr(args, name)} is an option of the fast step; "

@@ -118,8 +118,19 @@ def _check_pairs(partner_MP, weight_MP, M: int, device):
 
 def _check_temps(student_temp, teacher_temp):
     for name, v in (("student_temp", student_temp), ("teacher_temp", teacher_temp)):
-        if not float(v) > 0:
+        if torch.is_tensor(v):  # a 0-dim tensor: checked by whoever made it (no host sync)
+            if v.numel() != 1 or not v.dtype.is_floating_point:
+                raise ValueError(f"{name} must be a float or a 1-element float tensor, got "
+                                 f"{v.dtype} {tuple(v.shape)}")
+        elif not float(v) > 0:
             raise ValueError(f"{name} must be > 0, got {v}")
+
+
+def _temp(v):
+    """A temperature as the ops take it: a Python float, or a 0-dim tensor left as it is (the
+    whole-step compile passes the per-epoch teacher temperature as a graph input, so a new
+    epoch does not recompile the step)."""
+    return v.reshape(()) if torch.is_tensor(v) else float(v)
 
 
 def _check_center(center_K, K: int, device):
@@ -195,7 +206,12 @@ def _soft_ce_torch(student_MK, teacher_TK, partner_MP, weight_MP, center_K, tau_
     else:
         grad = torch.zeros_like(student_MK, memory_format=torch.contiguous_format) \
             if need_grad else None
-    rows = torch.nonzero(live_M).squeeze(1)  # the masked rows (host sync on CUDA)
+    if torch.compiler.is_compiling():
+        # inside a compiled step: every row (static shape, no sync; rows without a live pair
+        # add exactly 0 to the loss and get a 0 gradient)
+        rows = torch.arange(M, device=student_MK.device)
+    else:
+        rows = torch.nonzero(live_M).squeeze(1)  # the masked rows (host sync on CUDA)
     partner_MP = torch.where(live_MP, partner_MP, torch.zeros_like(partner_MP))
     c_K = center_K.reshape(-1).to(cdt)
     w_MP = weight_MP.to(cdt)
@@ -261,8 +277,9 @@ class _SoftCE(torch.autograd.Function):
         grad_out = student_MK.detach() if opts.get("inplace_grad") and need_grad else None
         if backend == "triton":
             from ibot_fast.kernels.soft_ce_triton import soft_ce_fwd
+            # launch arguments: a tensor temperature is read back here (one sync)
             loss_M, grad = soft_ce_fwd(student_MK, teacher_TK, partner_MP, weight_MP, center_K,
-                                       student_temp, teacher_temp,
+                                       float(student_temp), float(teacher_temp),
                                        block_k=opts.get("block_k"), grad_out=grad_out)
             if grad_out is not None:  # a kernel's write is invisible to autograd: bump by hand
                 torch.autograd.graph.increment_version(grad_out)
@@ -296,7 +313,9 @@ class _SoftCELinear(torch.autograd.Function):
             from ibot_fast.kernels.soft_ce_triton import soft_ce_linear_fwd
             loss_M, dzs, dws = soft_ce_linear_fwd(
                 zs_MD, ws_KD, zt_TD, wt_KD, partner_MP, weight_MP, center_K,
-                1.0 / student_temp, 1.0 / teacher_temp, block_m=opts.get("block_m", 32),
+                # launch arguments: a tensor temperature is read back here (one sync)
+                1.0 / float(student_temp), 1.0 / float(teacher_temp),
+                block_m=opts.get("block_m", 32),
                 block_k=opts.get("block_k"))
             loss = loss_M.sum()
         else:
@@ -335,6 +354,9 @@ def soft_ce(student_MK: torch.Tensor, teacher_TK: torch.Tensor, partner_MP: torc
     partner_MP: int64 [M, P], teacher row of each pair of student row i.
     weight_MP: [M, P] weights; 0 = no pair.
     center_K: the teacher centre, K elements (subtracted before dividing by teacher_temp).
+    student_temp, teacher_temp: > 0; a 1-element tensor is taken as it is (not checked, no
+        sync; the Triton back end reads it back): a compiled step passes the per-epoch
+        teacher temperature that way so a new value is not a recompile.
     check_finite: raise ValueError on NaN/Inf in teacher_TK, center_K or weight_MP (syncs).
     chunk_rows (torch) / block_k (triton): tuning knobs; tests use small ones.
     inplace_grad: **the student logits tensor is overwritten by its gradient** during the
@@ -358,7 +380,7 @@ def soft_ce(student_MK: torch.Tensor, teacher_TK: torch.Tensor, partner_MP: torc
     be = resolve_backend(backend, student_MK, teacher_TK, center_K)
     with torch.autocast(student_MK.device.type, enabled=False):
         return _SoftCE.apply(student_MK, teacher_TK.detach(), partner_MP, weight_MP,
-                             center_K.detach(), float(student_temp), float(teacher_temp), be,
+                             center_K.detach(), _temp(student_temp), _temp(teacher_temp), be,
                              dict(chunk_rows=chunk_rows, block_k=block_k,
                                   # under no_grad needs_input_grad still reads requires_grad
                                   inplace_grad=bool(inplace_grad) and torch.is_grad_enabled()))
@@ -419,8 +441,8 @@ def soft_ce_linear(zs_MD: torch.Tensor, ws_KD: torch.Tensor, zt_TD: torch.Tensor
     be = resolve_backend(backend, zs_MD, ws_KD, zt_TD, wt_KD, center_K)
     with torch.autocast(zs_MD.device.type, enabled=False):
         return _SoftCELinear.apply(zs_MD, ws_KD, zt_TD.detach(), wt_KD.detach(), partner_MP,
-                                   weight_MP, center_K.detach(), float(student_temp),
-                                   float(teacher_temp), be,
+                                   weight_MP, center_K.detach(), _temp(student_temp),
+                                   _temp(teacher_temp), be,
                                    dict(chunk_rows=chunk_rows, block_k=block_k,
                                         block_m=block_m))
 

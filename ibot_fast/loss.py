@@ -92,7 +92,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ibot_fast.fused_loss import (_check_inplace, _compute_dtype, sinkhorn_knopp_center,
-                                  soft_ce, teacher_col_sum)
+                                  soft_ce, soft_ce_linear, teacher_col_sum)
 from ibot_fast.masking import patch_token_weights
 from ibot_fast.schedules import teacher_temp_schedule
 
@@ -533,12 +533,12 @@ class IBOTLoss(IBOTLossReference):
                                           teacher_col_sum(teacher_TK) / N, ng * B)
         return dict(cls=loss_cls, patch=loss_patch, loss=loss_cls + loss_patch)
 
-    # ---- the selected-rows entry point (fast trainer path) ---------------------------------
+    # ---- the selected-rows entry points (fast trainer path) --------------------------------
     def forward_selected(self, student_cls: torch.Tensor, teacher_cls: torch.Tensor,
                          student_local_cls: Optional[torch.Tensor],
                          student_patch_rows: torch.Tensor, teacher_patch_rows: torch.Tensor,
                          patch_weight: torch.Tensor, teacher_patch_mean: torch.Tensor,
-                         epoch: int) -> dict[str, torch.Tensor]:
+                         epoch: int, *, temperatures=None) -> dict[str, torch.Tensor]:
         """The loss from rows the trainer already gathered; same result and centre update as
         ``forward`` on the full tensors.
 
@@ -556,11 +556,96 @@ class IBOTLoss(IBOTLossReference):
             Not used with ``center="sinkhorn_knopp"`` (whose samples are the rows with a
             non-zero ``patch_weight``).
         epoch: index into the temperature schedules.
+        temperatures: optional ``(tau, tau2)`` used instead of ``temperatures(epoch)`` (the
+            compiled fast step passes that epoch's values as 0-dim tensors, graph inputs, so a
+            new epoch's temperature does not recompile the step).
 
         No host syncs; the returned dict and the centre update match ``forward``.
         """
         where = "IBOTLoss.forward_selected"
-        ng, nl, K, K2 = self.ngcrops, self.nlcrops, self.out_dim, self.patch_out_dim
+        B = self._check_selected_cls(where, student_cls, teacher_cls, student_local_cls)
+        K2 = self.patch_out_dim
+        if student_patch_rows.dim() != 2 or student_patch_rows.shape[1] != K2:
+            raise ValueError(f"{where}: student_patch_rows must be [M, patch_out_dim={K2}], got "
+                             f"{tuple(student_patch_rows.shape)}")
+        M = student_patch_rows.shape[0]
+        if tuple(teacher_patch_rows.shape) != (M, K2):
+            raise ValueError(f"{where}: teacher_patch_rows must be [M={M}, {K2}] like "
+                             f"student_patch_rows, got {tuple(teacher_patch_rows.shape)}")
+        self._check_selected_patch(where, M, patch_weight, teacher_patch_mean)
+        teacher_cls, teacher_patch_rows = teacher_cls.detach(), teacher_patch_rows.detach()
+        self._check_teacher_finite(teacher_cls=teacher_cls,
+                                   teacher_patch_rows=teacher_patch_rows,
+                                   teacher_patch_mean=teacher_patch_mean)
+        tau, tau2 = self.temperatures(epoch) if temperatures is None else temperatures
+        loss_cls = self._cls_loss(student_cls, teacher_cls, student_local_cls, B, tau)
+        partner_M1, weight_M1 = self._selected_pairs(
+            patch_weight, _compute_dtype(student_patch_rows, teacher_patch_rows, self.center2))
+        # Sinkhorn-Knopp samples: the masked rows, not the padding (weight 0)
+        center2 = self._teacher_center(self.center2, teacher_patch_rows, tau2,
+                                       row_valid_T=patch_weight != 0)
+        loss_patch = soft_ce(student_patch_rows, teacher_patch_rows, partner_M1, weight_M1,
+                             center2, self.student_temp, tau2, backend=self.backend)
+        return self._selected_finish(loss_cls, loss_patch, teacher_cls, teacher_patch_mean, B)
+
+    def forward_selected_linear(self, student_cls: torch.Tensor, teacher_cls: torch.Tensor,
+                                student_local_cls: Optional[torch.Tensor],
+                                student_patch_z: torch.Tensor, student_patch_w: torch.Tensor,
+                                teacher_patch_z: torch.Tensor, teacher_patch_w: torch.Tensor,
+                                patch_weight: torch.Tensor, teacher_patch_mean: torch.Tensor,
+                                epoch: int, *, temperatures=None) -> dict[str, torch.Tensor]:
+        """``forward_selected`` with the patch head's last layer fused into the patch loss
+        (``fused_loss.soft_ce_linear``): the patch logits are ``student_patch_z @
+        student_patch_w.T`` and ``teacher_patch_z @ teacher_patch_w.T`` but neither ``[M, K2]``
+        tensor is materialised. Same result, gradients and centre update as
+        ``forward_selected`` on those logits.
+
+        student_patch_z, teacher_patch_z: ``[M, D]`` L2-normalised bottleneck vectors of the
+            masked tokens, row for row (student: gets a gradient).
+        student_patch_w, teacher_patch_w: ``[K2, D]`` weight-normed last-layer weights (the
+            student's gets a gradient, which autograd carries on to ``weight_v``/``weight_g``).
+        Other arguments as in ``forward_selected``. EMA centring only (Sinkhorn-Knopp needs
+        the teacher logits themselves).
+        """
+        where = "IBOTLoss.forward_selected_linear"
+        if self.center_mode != "ema":
+            raise ValueError(f"{where}: center={self.center_mode!r} needs the teacher patch "
+                             f"logits; use forward_selected (unfused head) with it")
+        B = self._check_selected_cls(where, student_cls, teacher_cls, student_local_cls)
+        K2 = self.patch_out_dim
+        if student_patch_z.dim() != 2:
+            raise ValueError(f"{where}: student_patch_z must be [M, D], got "
+                             f"{tuple(student_patch_z.shape)}")
+        M, D = student_patch_z.shape
+        for name, t, shape in (("teacher_patch_z", teacher_patch_z, (M, D)),
+                               ("student_patch_w", student_patch_w, (K2, D)),
+                               ("teacher_patch_w", teacher_patch_w, (K2, D))):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{where}: {name} must be {list(shape)} (M, D of "
+                                 f"student_patch_z; K2 = patch_out_dim), got {tuple(t.shape)}")
+        self._check_selected_patch(where, M, patch_weight, teacher_patch_mean)
+        teacher_cls = teacher_cls.detach()
+        teacher_patch_z, teacher_patch_w = teacher_patch_z.detach(), teacher_patch_w.detach()
+        self._check_teacher_finite(teacher_cls=teacher_cls, teacher_patch_z=teacher_patch_z,
+                                   teacher_patch_w=teacher_patch_w,
+                                   teacher_patch_mean=teacher_patch_mean)
+        tau, tau2 = self.temperatures(epoch) if temperatures is None else temperatures
+        loss_cls = self._cls_loss(student_cls, teacher_cls, student_local_cls, B, tau)
+        partner_M1, weight_M1 = self._selected_pairs(
+            patch_weight, _compute_dtype(student_patch_z, student_patch_w, teacher_patch_z,
+                                         teacher_patch_w, self.center2))
+        loss_patch = soft_ce_linear(student_patch_z, student_patch_w, teacher_patch_z,
+                                    teacher_patch_w, partner_M1, weight_M1, self.center2,
+                                    self.student_temp, tau2, backend=self.backend)
+        return self._selected_finish(loss_cls, loss_patch, teacher_cls, teacher_patch_mean, B)
+
+    # ---- pieces of the two selected-rows entry points ----------------------------------------
+    def _check_selected_cls(self, where, student_cls, teacher_cls, student_local_cls) -> int:
+        """Shape checks of the [CLS] inputs; returns B."""
+        ng, nl, K = self.ngcrops, self.nlcrops, self.out_dim
+        if self.backend == "eager":
+            raise ValueError(f"{where}: backend='eager' is the dense reference path; use "
+                             f"'auto', 'triton' or 'torch' here")
         if student_cls.dim() != 2 or student_cls.shape[1] != K or student_cls.shape[0] == 0 \
                 or student_cls.shape[0] % ng:
             raise ValueError(f"{where}: student_cls must be [ngcrops*B, out_dim={K}], got "
@@ -575,40 +660,28 @@ class IBOTLoss(IBOTLossReference):
                              f"{(nl * B, K)}, got {local_shape}")
         if nl == 0 and student_local_cls is not None and student_local_cls.numel() > 0:
             raise ValueError(f"{where}: nlcrops=0 but student_local_cls was given")
-        if student_patch_rows.dim() != 2 or student_patch_rows.shape[1] != K2:
-            raise ValueError(f"{where}: student_patch_rows must be [M, patch_out_dim={K2}], got "
-                             f"{tuple(student_patch_rows.shape)}")
-        M = student_patch_rows.shape[0]
-        if tuple(teacher_patch_rows.shape) != (M, K2):
-            raise ValueError(f"{where}: teacher_patch_rows must be [M={M}, {K2}] like "
-                             f"student_patch_rows, got {tuple(teacher_patch_rows.shape)}")
+        return B
+
+    def _check_selected_patch(self, where, M, patch_weight, teacher_patch_mean):
         if tuple(patch_weight.shape) != (M,):
             raise ValueError(f"{where}: patch_weight must be [M={M}], got "
                              f"{tuple(patch_weight.shape)}")
-        if teacher_patch_mean.numel() != K2:
-            raise ValueError(f"{where}: teacher_patch_mean must have patch_out_dim={K2} "
-                             f"elements, got {tuple(teacher_patch_mean.shape)}")
-        teacher_cls, teacher_patch_rows = teacher_cls.detach(), teacher_patch_rows.detach()
-        self._check_teacher_finite(teacher_cls=teacher_cls,
-                                   teacher_patch_rows=teacher_patch_rows,
-                                   teacher_patch_mean=teacher_patch_mean)
-        tau, tau2 = self.temperatures(epoch)
-        if self.backend == "eager":
-            raise ValueError(f"{where}: backend='eager' is the dense reference path; use "
-                             f"'auto', 'triton' or 'torch' here")
-        loss_cls = self._cls_loss(student_cls, teacher_cls, student_local_cls, B, tau)
-        wdt = _compute_dtype(student_patch_rows, teacher_patch_rows, self.center2)
-        weight_M1 = (patch_weight.to(wdt) * self.lambda2).view(M, 1)
-        partner_M1 = torch.arange(M, device=student_patch_rows.device).view(M, 1)
-        # Sinkhorn-Knopp samples: the masked rows, not the padding (weight 0)
-        center2 = self._teacher_center(self.center2, teacher_patch_rows, tau2,
-                                       row_valid_T=patch_weight != 0)
-        loss_patch = soft_ce(student_patch_rows, teacher_patch_rows, partner_M1, weight_M1,
-                             center2, self.student_temp, tau2, backend=self.backend)
-        if self.center_mode != "ema":
-            return dict(cls=loss_cls, patch=loss_patch, loss=loss_cls + loss_patch)
-        rows = ng * B
-        patch_sum = teacher_patch_mean.detach().reshape(K2).to(
-            _compute_dtype(teacher_patch_mean, teacher_cls)) * rows
-        self._update_center_from_sums(teacher_col_sum(teacher_cls), patch_sum, rows)
+        if teacher_patch_mean.numel() != self.patch_out_dim:
+            raise ValueError(f"{where}: teacher_patch_mean must have patch_out_dim="
+                             f"{self.patch_out_dim} elements, got "
+                             f"{tuple(teacher_patch_mean.shape)}")
+
+    def _selected_pairs(self, patch_weight, dtype):
+        """Patch rows pair with themselves: (partner [M, 1], weight [M, 1] with lambda2)."""
+        M = patch_weight.shape[0]
+        weight_M1 = (patch_weight.to(dtype) * self.lambda2).view(M, 1)
+        return torch.arange(M, device=patch_weight.device).view(M, 1), weight_M1
+
+    def _selected_finish(self, loss_cls, loss_patch, teacher_cls, teacher_patch_mean, B):
+        """The centre update from the [CLS] rows and the all-token patch mean (EMA only)."""
+        if self.center_mode == "ema":
+            rows, K2 = self.ngcrops * B, self.patch_out_dim
+            patch_sum = teacher_patch_mean.detach().reshape(K2).to(
+                _compute_dtype(teacher_patch_mean, teacher_cls)) * rows
+            self._update_center_from_sums(teacher_col_sum(teacher_cls), patch_sum, rows)
         return dict(cls=loss_cls, patch=loss_patch, loss=loss_cls + loss_patch)
