@@ -21,6 +21,7 @@ reference-semantics.md §7); fast paths plug in behind flags.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -558,6 +559,7 @@ def plot_loss_curve(output_dir: str) -> str | None:
 def main(argv=None):
     args = parse_args(argv)
     info = init_distributed(args.device)
+    trainer = None
     try:
         trainer = Trainer(args, info)
         trainer.train()
@@ -569,6 +571,12 @@ def main(argv=None):
                 from ibot_fast.eval.knn import evaluate_run
                 evaluate_run(trainer)
     finally:
+        # Free the models and their communication state (FSDP keeps gloo work objects holding
+        # tensors) while the interpreter is fully alive, then the process group: freed during
+        # interpreter finalisation they can abort the process ("terminate called without an
+        # active exception", seen once in CI on a 2-process FSDP resume; pytorch#179291).
+        del trainer
+        gc.collect()
         cleanup()
 
 
