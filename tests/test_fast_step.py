@@ -474,6 +474,18 @@ def test_fsdp_two_process_gloo_equals_reference_and_checkpoints_interchange(tmp_
     _assert_same_checkpoint(sa, sb)
 
 
+@pytest.mark.slow
+def test_fsdp_with_compiled_blocks_two_process_gloo_equals_reference(tmp_path):
+    """--fsdp true with --compile blocks (inductor; the compiled blocks are what fully_shard
+    wraps) on 2 gloo processes, two epochs, against the reference step in one process."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    _torchrun(2, two, 2, tmp_path, "--fast_step", "true", "--fsdp", "true",
+              "--compile", "blocks")
+    _torchrun(1, one, 4, tmp_path)
+    _assert_same_checkpoint(_checkpoint(two / "checkpoint.pth"),
+                            _checkpoint(one / "checkpoint.pth"))
+
+
 def test_fsdp_needs_a_process_group(tmp_path):
     import torch.distributed as dist
     if dist.is_initialized():
