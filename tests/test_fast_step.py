@@ -68,6 +68,30 @@ def _reference_run(tmp_path, precision, ref_extra, steps, dtype):
     return _REFERENCE_RUNS[key]
 
 
+def _assert_same_runs(ta, ra, tb, rb, precision):
+    """Trainer ``tb``'s step results (``rb`` from :func:`_run`) equal ``ta``'s: loss terms, every
+    gradient, student and teacher weights, both centres."""
+    if precision == "fp64":
+        tight = params = dict(rtol=1e-9, atol=1e-12)
+    else:  # see test_train: Adam turns last-bit gradient noise into fractions of an lr step
+        tight = dict(rtol=1e-5, atol=1e-6)
+        params = dict(rtol=0, atol=0.02 * float(ta.lr_schedule[ta.iters_per_epoch]))
+    for (xa, ga), (xb, gb) in zip(ra, rb):
+        for key in ("loss", "cls", "patch", "acc"):
+            torch.testing.assert_close(xb[key], xa[key], **tight, msg=key)
+        for name in ga:
+            assert (ga[name] is None) == (gb[name] is None), name
+            if ga[name] is not None:
+                torch.testing.assert_close(gb[name], ga[name], **tight, msg=f"grad {name}")
+    for net in ("student_without_ddp", "teacher"):
+        for (n, p), (_, q) in zip(getattr(ta, net).named_parameters(),
+                                  getattr(tb, net).named_parameters()):
+            torch.testing.assert_close(q, p, **params, msg=f"{net} {n}")
+    for key in ("center", "center2"):
+        torch.testing.assert_close(getattr(tb.ibot_loss, key), getattr(ta.ibot_loss, key),
+                                   **tight, msg=key)
+
+
 def _compare(tmp_path, extra, ref_extra=(), precision="fp64", steps=3):
     dtype = torch.float64 if precision == "fp64" else torch.float32
     ref, batches, r = _reference_run(tmp_path, precision, ref_extra, steps, dtype)
@@ -75,26 +99,7 @@ def _compare(tmp_path, extra, ref_extra=(), precision="fp64", steps=3):
                          *ref_extra, *extra))
     assert fast.fast_step is not None
     f = _run(fast, batches, dtype, steps)
-    if precision == "fp64":
-        tight = params = dict(rtol=1e-9, atol=1e-12)
-    else:  # see test_train: Adam turns last-bit gradient noise into fractions of an lr step
-        tight = dict(rtol=1e-5, atol=1e-6)
-        params = dict(rtol=0, atol=0.02 * float(ref.lr_schedule[ref.iters_per_epoch]))
-    for (rr, rg), (ff, fg) in zip(r, f):
-        for key in ("loss", "cls", "patch", "acc"):
-            torch.testing.assert_close(ff[key], rr[key], **tight, msg=key)
-        for name in rg:
-            assert (rg[name] is None) == (fg[name] is None), name
-            if rg[name] is not None:
-                torch.testing.assert_close(fg[name], rg[name], **tight, msg=f"grad {name}")
-    for (n1, p1), (_, p2) in zip(ref.student_without_ddp.named_parameters(),
-                                 fast.student_without_ddp.named_parameters()):
-        torch.testing.assert_close(p2, p1, **params, msg=f"student {n1}")
-    for (n1, p1), (_, p2) in zip(ref.teacher.named_parameters(), fast.teacher.named_parameters()):
-        torch.testing.assert_close(p2, p1, **params, msg=f"teacher {n1}")
-    for key in ("center", "center2"):
-        torch.testing.assert_close(getattr(fast.ibot_loss, key), getattr(ref.ibot_loss, key),
-                                   **tight, msg=key)
+    _assert_same_runs(ref, r, fast, f, precision)
     # the frozen epoch left the last layer untouched and without optimiser state
     v = fast.student_without_ddp.head.last_layer.weight_v
     assert fast.optimizer.state[v]["step"] == steps - 1
@@ -481,6 +486,18 @@ def test_fsdp_with_compiled_blocks_two_process_gloo_equals_reference(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     _torchrun(2, two, 2, tmp_path, "--fast_step", "true", "--fsdp", "true",
               "--compile", "blocks")
+    _torchrun(1, one, 4, tmp_path)
+    _assert_same_checkpoint(_checkpoint(two / "checkpoint.pth"),
+                            _checkpoint(one / "checkpoint.pth"))
+
+
+@pytest.mark.slow
+def test_ddp_with_compiled_step_two_process_gloo_equals_reference(tmp_path):
+    """--compile step (inductor: forward + loss as one graph, the student DDP-wrapped inside it)
+    on 2 gloo processes, two epochs, against the reference step in one process. ~70 s on 2
+    cores with a cold inductor cache."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    _torchrun(2, two, 2, tmp_path, "--fast_step", "true", "--compile", "step")
     _torchrun(1, one, 4, tmp_path)
     _assert_same_checkpoint(_checkpoint(two / "checkpoint.pth"),
                             _checkpoint(one / "checkpoint.pth"))

@@ -10,7 +10,7 @@ import torch
 
 from ibot_fast.loss import IBOTLoss
 from ibot_fast.train import Trainer
-from test_fast_step import _args, _compare, _run
+from test_fast_step import _args, _assert_same_runs, _compare, _run
 
 # TINY (test_fast_step) has a separate student patch head and a shared teacher head
 HEADS = {
@@ -80,29 +80,6 @@ def test_fused_head_equals_reference_fp64(tmp_path, head):
 
 def test_fused_head_equals_reference_fp32(tmp_path):
     _compare(tmp_path, ["--fused_head_loss", "true"], precision="fp32")
-
-
-def _assert_same_runs(ta, ra, tb, rb, precision):
-    """Two fast trainers' step results, gradients, weights, teachers and centres."""
-    if precision == "fp64":
-        tight = params = dict(rtol=1e-9, atol=1e-12)
-    else:  # Adam's noise floor on the weights, as test_fast_step._compare
-        tight = dict(rtol=1e-5, atol=1e-6)
-        params = dict(rtol=0, atol=0.02 * float(ta.lr_schedule[ta.iters_per_epoch]))
-    for (xa, ga), (xb, gb) in zip(ra, rb):
-        for key in ("loss", "cls", "patch", "acc"):
-            torch.testing.assert_close(xb[key], xa[key], **tight, msg=key)
-        for name in ga:
-            assert (ga[name] is None) == (gb[name] is None), name
-            if ga[name] is not None:
-                torch.testing.assert_close(gb[name], ga[name], **tight, msg=f"grad {name}")
-    for net in ("student_without_ddp", "teacher"):
-        for (n, p), (_, q) in zip(getattr(ta, net).named_parameters(),
-                                  getattr(tb, net).named_parameters()):
-            torch.testing.assert_close(q, p, **params, msg=f"{net} {n}")
-    for key in ("center", "center2"):
-        torch.testing.assert_close(getattr(tb.ibot_loss, key), getattr(ta.ibot_loss, key),
-                                   **tight, msg=key)
 
 
 @pytest.mark.parametrize("precision, head", [("fp64", "both-separate-K2"), ("fp32", "shared")])
