@@ -445,11 +445,7 @@ class FastStep:
         if epoch < args.freeze_last_layer:  # the reference's cancel_gradients_last_layer
             for p in self.last_layer_params:
                 p.grad = None
-        if tr.scaler is None:
-            tr.optimizer.step()
-        else:
-            tr.scaler.step(tr.optimizer)
-            tr.scaler.update()
+        tr.optimizer_step()
         self.ema(float(tr.momentum_schedule[it]))
         acc = (t_cls[:B].argmax(-1) == s_cls[B:2 * B].argmax(-1))
         return {"loss": loss.detach(), "cls": terms["cls"].detach(),

@@ -253,11 +253,7 @@ class Trainer:
             if where:
                 return self._skip_step(epoch, it, terms, where, centres)
         cancel_gradients_last_layer(epoch, self.student_without_ddp, args.freeze_last_layer)
-        if self.scaler is None:
-            self.optimizer.step()
-        else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        self.optimizer_step()
 
         self.ema(float(self.momentum_schedule[it]))
         # Logging statistic of the reference: teacher crop-0 vs student crop-1 [CLS] argmax.
@@ -265,6 +261,14 @@ class Trainer:
         acc = (teacher_output[0][:b].argmax(-1) == student_output[0][b:2 * b].argmax(-1))
         return {"loss": loss.detach(), "cls": terms["cls"].detach(),
                 "patch": terms["patch"].detach(), "acc": acc.float().mean(), "skipped": False}
+
+    def optimizer_step(self) -> None:
+        """The optimiser step of both step paths (through the GradScaler with fp16)."""
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
 
     def _skip_step(self, epoch, it, terms, where: str, centres) -> dict:
         """--on_nan skip: every rank leaves weights, optimiser, teacher and centres as they

@@ -168,14 +168,29 @@ def soft_ce_fwd(student_MK: torch.Tensor, teacher_TK: torch.Tensor, partner_MP: 
 
 # ---- fused-linear variant --------------------------------------------------------------------
 @triton.jit
+def _weight_tile(w_ptr, w_row_stride, k, in_k, offs_d, in_d):
+    """Rows k of a last-layer weight [K, D] as an fp32 [BLOCK_K, BLOCK_D] tile (0 outside)."""
+    return tl.load(w_ptr + k[:, None].to(tl.int64) * w_row_stride + offs_d[None, :],
+                   mask=in_k[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_weight_sum(weight_ptr, rows, in_m, P: tl.constexpr, BLOCK_M: tl.constexpr):
+    """sum_p weight[row, p] for a block of student rows."""
+    w_sum = tl.zeros([BLOCK_M], tl.float32)
+    for p in tl.static_range(P):
+        w_sum += tl.load(weight_ptr + rows * P + p, mask=in_m, other=0.0)
+    return w_sum
+
+
+@triton.jit
 def _teacher_tile_logits(zt_ptr, zt_row_stride, wt_ptr, wt_row_stride, c_ptr, partner_M,
                          live_M, k, in_k, offs_d, in_d, inv_tau_t,
                          DOT_PRECISION: tl.constexpr):
     """(t - c)/tau_t for a [BLOCK_M, BLOCK_K] tile; rows gathered by partner index."""
     zt = tl.load(zt_ptr + partner_M[:, None] * zt_row_stride + offs_d[None, :],
                  mask=live_M[:, None] & in_d[None, :], other=0.0).to(tl.float32)
-    wt = tl.load(wt_ptr + k[:, None].to(tl.int64) * wt_row_stride + offs_d[None, :],
-                 mask=in_k[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+    wt = _weight_tile(wt_ptr, wt_row_stride, k, in_k, offs_d, in_d)
     t = tl.dot(zt, tl.trans(wt), input_precision=DOT_PRECISION)
     c = tl.load(c_ptr + k, mask=in_k, other=0.0)
     return (t - c[None, :]) * inv_tau_t
@@ -250,8 +265,7 @@ def _soft_ce_linear_fwd_kernel(
     for kb in range(0, n_blocks):
         k = kb * BLOCK_K + offs_k
         in_k = k < K
-        ws = tl.load(ws_ptr + k[:, None].to(tl.int64) * ws_row_stride + offs_d[None, :],
-                     mask=in_k[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+        ws = _weight_tile(ws_ptr, ws_row_stride, k, in_k, offs_d, in_d)
         s = tl.dot(zs, tl.trans(ws), input_precision=DOT_PRECISION) * inv_tau_s
         s = tl.where(in_k[None, :], s, -float("inf"))
         m_new = tl.maximum(m_s, tl.max(s, axis=1))
@@ -261,16 +275,13 @@ def _soft_ce_linear_fwd_kernel(
     tl.store(lse_s_ptr + rows, lse_s, mask=in_m)
 
     # loss terms and d z_s = g W_s
-    w_sum = tl.zeros([BLOCK_M], tl.float32)
-    for p in tl.static_range(P):
-        w_sum += tl.load(weight_ptr + rows * P + p, mask=in_m, other=0.0)
+    w_sum = _row_weight_sum(weight_ptr, rows, in_m, P, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     dzs = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for kb in range(0, n_blocks):
         k = kb * BLOCK_K + offs_k
         in_k = k < K
-        ws = tl.load(ws_ptr + k[:, None].to(tl.int64) * ws_row_stride + offs_d[None, :],
-                     mask=in_k[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+        ws = _weight_tile(ws_ptr, ws_row_stride, k, in_k, offs_d, in_d)
         s = tl.dot(zs, tl.trans(ws), input_precision=DOT_PRECISION) * inv_tau_s
         q = _teacher_target_tile(zt_ptr, zt_row_stride, wt_ptr, wt_row_stride, c_ptr,
                                  partner_ptr, weight_ptr, lse_t_ptr, rows, in_m, k, in_k,
@@ -298,8 +309,7 @@ def _soft_ce_linear_dw_kernel(
     in_k = k < K
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < D
-    ws = tl.load(ws_ptr + k[:, None].to(tl.int64) * ws_row_stride + offs_d[None, :],
-                 mask=in_k[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+    ws = _weight_tile(ws_ptr, ws_row_stride, k, in_k, offs_d, in_d)
     dws = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     for mb in range(0, tl.cdiv(M, BLOCK_M)):
         rows = (mb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -311,9 +321,7 @@ def _soft_ce_linear_dw_kernel(
         q = _teacher_target_tile(zt_ptr, zt_row_stride, wt_ptr, wt_row_stride, c_ptr,
                                  partner_ptr, weight_ptr, lse_t_ptr, rows, in_m, k, in_k,
                                  offs_d, in_d, inv_tau_t, P, BLOCK_M, BLOCK_K, DOT_PRECISION)
-        w_sum = tl.zeros([BLOCK_M], tl.float32)
-        for p in tl.static_range(P):
-            w_sum += tl.load(weight_ptr + rows * P + p, mask=in_m, other=0.0)
+        w_sum = _row_weight_sum(weight_ptr, rows, in_m, P, BLOCK_M)
         keep = in_k[None, :] & in_m[:, None]
         g = tl.where(keep, (w_sum[:, None] * tl.exp(s - lse_s[:, None]) - q) * inv_tau_s, 0.0)
         dws += tl.dot(tl.trans(g), zs, input_precision=DOT_PRECISION)

@@ -20,6 +20,7 @@ from ibot_fast.models.packed import (PackedBlock, check_attn_backend, draw_subse
                                      packed_attention)
 from ibot_fast.train import Trainer
 from test_train import _torchrun as _torchrun_tiny
+from test_train import assert_same_weights
 
 # vit_nano (4 blocks, width 128), 16-px globals / 8-px locals with 8-px patches (2x2 / 1x1
 # grids), 2 local crops, drop path 0.1 (the coins matter), clipping that bites.
@@ -417,12 +418,7 @@ def test_fast_step_two_process_gloo_equals_reference_one_process(tmp_path):
     fast student forward) against the reference step in one process with 4 images."""
     _torchrun(2, tmp_path / "two", 2, tmp_path, "--fast_step", "true")
     _torchrun(1, tmp_path / "one", 4, tmp_path)
-    sa = torch.load(tmp_path / "two" / "checkpoint.pth", weights_only=True)
-    sb = torch.load(tmp_path / "one" / "checkpoint.pth", weights_only=True)
-    for key in ("student", "teacher", "ibot_loss"):
-        for k in sa[key]:
-            torch.testing.assert_close(sa[key][k], sb[key][k], rtol=1e-8, atol=1e-10,
-                                       msg=f"{key}.{k}")
+    assert_same_weights(tmp_path / "two" / "checkpoint.pth", tmp_path / "one" / "checkpoint.pth")
 
 
 # ------------------------------------------------------------------------------ FSDP2 (gloo)

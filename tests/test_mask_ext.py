@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from test_masking import assert_union_of_rectangles
+
 from ibot_fast.masking import (MaskBatch, MaskBatcher, MaskGenerator, MaskRequest, block_mask,
                                extension_available)
 
@@ -110,16 +112,9 @@ def test_cpp_masks_are_unions_of_rectangles_shaped_like_python(height, width, ra
     masks, counts, rects, n_rects = masks[0], counts[0], rects[0], n_rects[0]
     cpp_rects = [rects[k, :n_rects[k]].tolist() for k in range(n)]
     for k in range(1000):  # invariants on the first 1000, statistics on all
-        rs = cpp_rects[k]
-        union = np.zeros((height, width), dtype=bool)
-        for top, left, h, w in rs:
-            assert 1 <= h < height and 1 <= w < width  # strict: never a full side
-            assert 0 <= top <= height - h and 0 <= left <= width - w
-            before = union.sum()
-            union[top:top + h, left:left + w] = True
-            assert union.sum() > before  # every accepted block adds cells
-        np.testing.assert_array_equal(union, masks[k].numpy())
-        assert counts[k] == union.sum() <= math.floor(ratio * height * width)
+        mask = masks[k].numpy()
+        assert_union_of_rectangles(mask, cpp_rects[k], height, width)
+        assert counts[k] == mask.sum() <= math.floor(ratio * height * width)
     rng = random.Random(11)
     py_rects = [block_mask(height, width, ratio, rng, return_blocks=True)[1] for _ in range(n)]
     # 4000 masks: SE of each mean is ~1-2% of its value, so 5% is ~3-4 sigma of the difference.

@@ -199,6 +199,19 @@ def test_ratio_zero_masks_nothing():
     assert rng.getstate() == state
 
 
+def assert_union_of_rectangles(mask, rects, height, width):
+    """``mask`` [H, W] is exactly the union of the accepted ``rects`` (top, left, h, w), each
+    strictly smaller than the grid, inside it, and adding at least one cell."""
+    union = np.zeros((height, width), dtype=bool)
+    for top, left, h, w in rects:
+        assert 1 <= h < height and 1 <= w < width  # strict: never a full side
+        assert 0 <= top <= height - h and 0 <= left <= width - w
+        before = union.sum()
+        union[top:top + h, left:left + w] = True
+        assert union.sum() > before  # every accepted block adds cells
+    np.testing.assert_array_equal(union, mask)
+
+
 def test_block_masks_are_unions_of_recorded_rectangles():
     for seed in range(500):
         for height, width, ratio in [(14, 14, 0.5), (14, 14, 0.1), (6, 6, 0.3), (7, 5, 0.45)]:
@@ -208,14 +221,7 @@ def test_block_masks_are_unions_of_recorded_rectangles():
             np.testing.assert_array_equal(mask, block_mask(height, width, ratio, rng_b))
             assert rng_a.getstate() == rng_b.getstate()
 
-            union = np.zeros_like(mask)
-            for top, left, h, w in blocks:
-                assert 1 <= h < height and 1 <= w < width  # strict: never a full side
-                assert 0 <= top <= height - h and 0 <= left <= width - w
-                before = union.sum()
-                union[top:top + h, left:left + w] = True
-                assert union.sum() > before  # every accepted block adds cells
-            np.testing.assert_array_equal(union, mask)
+            assert_union_of_rectangles(mask, blocks, height, width)
             assert mask.sum() <= math.floor(ratio * height * width)
 
 
