@@ -1,16 +1,33 @@
-"""Command line and presets for ``torchrun -m ibot_fast.train``.
+"""Command line and presets for ``torchrun -m ibot_fast.train``: the one place flags are defined
+and checked.
 
 Flag names and defaults are the reference's (``main_ibot.py:get_args_parser``) so its users feel
-at home; flags the reference hard-codes (crop sizes, head widths, precision) are added with the
-reference value as default. Presets set defaults for the published recipes; any flag given on
-the command line wins over the preset. Unknown flags and inconsistent combinations fail in
-``parse_args`` before any work is done, with a message saying what to fix.
+at home; flags the reference hard-codes (crop sizes, head widths) are added with the reference
+value as default. Presets set defaults for the published recipes; any flag given on the command
+line wins over the preset. ``--help`` groups the flags (the reference's, speed, exactness and
+verification, data, faults, evaluation) and shows every default.
+
+``parse_args`` returns a namespace with every field set and resolved (``auto`` values replaced
+by what will run: device, precision, step path, data and mask back ends, workers, threads), so
+the trainer reads ``args.name`` and nothing else. Every rule -- single flags, flag
+combinations (:data:`CROSS_FLAG_RULES`), device-only back ends, the data folder, the output
+directory, schedule lengths -- is checked here, before any data is read or model built; a
+violation exits with code 2 and one short message naming the flags and the fix.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ibot_fast.ema import EMA_BACKENDS
+from ibot_fast.fast_step import COMPILE_MODES, DROP_PATH_MODES, HEAD_TOKENS
+from ibot_fast.loss import LOSS_BACKENDS
+from ibot_fast.models.packed import ALL_ATTN_BACKENDS
+from ibot_fast.step import STEP_PATHS
 
 # Named recipes. Values override the parser defaults; explicit flags override these.
 PRESETS: dict[str, dict] = {
@@ -52,153 +69,234 @@ def _bool(value: str) -> bool:
 
 def _compile_mode(value: str):
     """``--compile false|blocks|step``; ``true`` is ``blocks`` (older command lines)."""
-    if value.lower() in ("blocks", "step"):
+    modes = [m for m in COMPILE_MODES if m]
+    if value.lower() in modes:
         return value.lower()
     try:
         return "blocks" if _bool(value) else False
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
-            f"expected false, blocks (= true) or step, got {value!r}") from None
+            f"expected false, {' (= true), '.join(modes)}, got {value!r}") from None
+
+
+def _count(value: str):
+    """``auto`` or an integer >= 0 (workers, threads)."""
+    if value.lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 0, got {value!r}")
+    return n
+
+
+HINT = "run python -m ibot_fast.train --help for every flag and its default"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag shows its default; flags whose default is resolved later (None) say in their
+    help what unset means."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default:" in text or action.default is argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and a hint, exit code 2 (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n({HINT})\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        "ibot_fast.train", description="iBOT pre-training of Vision Transformers",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p = _Parser(
+        "ibot_fast.train", description="iBOT pre-training of Vision Transformers. Defaults "
+        "marked auto are resolved for the machine and recorded in output_dir/args.json.",
+        formatter_class=_HelpFormatter, allow_abbrev=False)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="named recipe; explicit flags override it")
+                   help="named recipe; explicit flags override it (default: none)")
 
-    g = p.add_argument_group("model")
+    g = p.add_argument_group("reference flags (bytedance/ibot's names and defaults; crop sizes "
+                             "and head widths are hard-coded there)")
     g.add_argument("--arch", default="vit_small",
-                   help="vit_tiny | vit_small | vit_base | vit_large (deit_* accepted)")
-    g.add_argument("--patch_size", type=int, default=16)
+                   help="vit_nano | vit_tiny | vit_small | vit_base | vit_large (deit_* "
+                        "accepted)")
+    g.add_argument("--patch_size", type=int, default=16, help="ViT patch size")
     g.add_argument("--out_dim", type=int, default=8192, help="[CLS] head output dimension K")
     g.add_argument("--patch_out_dim", type=int, default=8192,
                    help="patch head output dimension (follows out_dim when a head is shared)")
-    g.add_argument("--shared_head", type=_bool, default=False)
-    g.add_argument("--shared_head_teacher", type=_bool, default=True)
-    g.add_argument("--norm_last_layer", type=_bool, default=True)
-    g.add_argument("--head_hidden_dim", type=int, default=2048)
-    g.add_argument("--head_bottleneck_dim", type=int, default=256)
-    g.add_argument("--momentum_teacher", type=float, default=0.996)
-    g.add_argument("--drop_path", type=float, default=0.1)
-    g.add_argument("--use_masked_im_modeling", type=_bool, default=True)
-
-    g = p.add_argument_group("loss and temperatures")
-    g.add_argument("--teacher_temp", type=float, default=0.04)
-    g.add_argument("--warmup_teacher_temp", type=float, default=0.04)
-    g.add_argument("--teacher_patch_temp", type=float, default=0.07)
-    g.add_argument("--warmup_teacher_patch_temp", type=float, default=0.04)
-    g.add_argument("--warmup_teacher_temp_epochs", type=int, default=30)
+    g.add_argument("--shared_head", type=_bool, default=False,
+                   help="student: one head for [CLS] and patch tokens")
+    g.add_argument("--shared_head_teacher", type=_bool, default=True,
+                   help="teacher: one head for [CLS] and patch tokens")
+    g.add_argument("--norm_last_layer", type=_bool, default=True,
+                   help="freeze the weight norm g of the head's last layer at 1")
+    g.add_argument("--head_hidden_dim", type=int, default=2048, help="head MLP width")
+    g.add_argument("--head_bottleneck_dim", type=int, default=256, help="head bottleneck width")
+    g.add_argument("--momentum_teacher", type=float, default=0.996,
+                   help="EMA momentum at the start (cosine to 1)")
+    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
+    g.add_argument("--use_masked_im_modeling", type=_bool, default=True,
+                   help="masked patch tokens for the student")
+    g.add_argument("--teacher_temp", type=float, default=0.04, help="[CLS] teacher temperature")
+    g.add_argument("--warmup_teacher_temp", type=float, default=0.04,
+                   help="[CLS] teacher temperature at epoch 0 (linear warm-up)")
+    g.add_argument("--teacher_patch_temp", type=float, default=0.07,
+                   help="patch teacher temperature")
+    g.add_argument("--warmup_teacher_patch_temp", type=float, default=0.04,
+                   help="patch teacher temperature at epoch 0 (linear warm-up)")
+    g.add_argument("--warmup_teacher_temp_epochs", type=int, default=30,
+                   help="epochs of the teacher temperature warm-ups")
     g.add_argument("--lambda1", type=float, default=1.0, help="[CLS] loss weight")
     g.add_argument("--lambda2", type=float, default=1.0, help="patch (MIM) loss weight")
-
-    g = p.add_argument_group("masking")
-    g.add_argument("--pred_ratio", type=float, nargs="+", default=[0.3])
-    g.add_argument("--pred_ratio_var", type=float, nargs="+", default=[0.0])
-    g.add_argument("--pred_shape", choices=["block", "rand"], default="block")
-    g.add_argument("--pred_start_epoch", type=int, default=0)
-    g.add_argument("--mask_backend", choices=["python", "cpp", "cuda"], default=None,
-                   help="mask generator: python (reference), cpp (C++ extension, in the loader "
-                        "workers), cuda (GPU kernel in the training process); default cpp when "
-                        "ibot_fast._mask_ext is built, else python")
-
-    g = p.add_argument_group("crops")
-    g.add_argument("--global_crops_number", type=int, default=2)
-    g.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.14, 1.0))
-    g.add_argument("--local_crops_number", type=int, default=0)
-    g.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.4))
-    g.add_argument("--global_crops_size", type=int, default=224)
-    g.add_argument("--local_crops_size", type=int, default=96)
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    g.add_argument("--pred_ratio", type=float, nargs="+", default=[0.3],
+                   help="masked fraction of the patches (several values: one per image, "
+                        "drawn)")
+    g.add_argument("--pred_ratio_var", type=float, nargs="+", default=[0.0],
+                   help="spread of the masked fraction around each --pred_ratio")
+    g.add_argument("--pred_shape", choices=["block", "rand"], default="block",
+                   help="block-wise or random masks")
+    g.add_argument("--pred_start_epoch", type=int, default=0, help="first epoch with masks")
+    g.add_argument("--global_crops_number", type=int, default=2, help="global crops per image")
+    g.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.14, 1.0),
+                   help="area range of a global crop")
+    g.add_argument("--local_crops_number", type=int, default=0, help="local crops per image")
+    g.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.4),
+                   help="area range of a local crop")
+    g.add_argument("--global_crops_size", type=int, default=224, help="global crop side (px)")
+    g.add_argument("--local_crops_size", type=int, default=96, help="local crop side (px)")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="optimiser")
     g.add_argument("--lr", type=float, default=5e-4, help="base lr at batch 256 (scaled)")
-    g.add_argument("--min_lr", type=float, default=1e-6)
-    g.add_argument("--warmup_epochs", type=int, default=10)
-    g.add_argument("--weight_decay", type=float, default=0.04)
-    g.add_argument("--weight_decay_end", type=float, default=0.4)
+    g.add_argument("--min_lr", type=float, default=1e-6, help="lr at the end of the cosine")
+    g.add_argument("--warmup_epochs", type=int, default=10, help="linear lr warm-up epochs")
+    g.add_argument("--weight_decay", type=float, default=0.04, help="weight decay at the start")
+    g.add_argument("--weight_decay_end", type=float, default=0.4,
+                   help="weight decay at the end (cosine)")
     g.add_argument("--clip_grad", type=float, default=3.0, help="per-tensor norm; 0 disables")
-    g.add_argument("--freeze_last_layer", type=int, default=1)
-    g.add_argument("--batch_size_per_gpu", type=int, default=128)
-    g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--use_fp16", type=_bool, default=True,
-                   help="reference flag: fp16 autocast + GradScaler (see --precision)")
-    g.add_argument("--precision", choices=["fp32", "fp16", "bf16", "fp64"], default=None,
-                   help="autocast precision; default follows --use_fp16 (fp16 or fp32); "
-                        "fp64 runs everything in double, for verification only")
+    g.add_argument("--freeze_last_layer", type=int, default=1,
+                   help="epochs with the head's last layer frozen")
+    g.add_argument("--batch_size_per_gpu", type=int, default=128, help="images per process")
+    g.add_argument("--epochs", type=int, default=100, help="training epochs")
+    g.add_argument("--use_fp16", type=_bool, default=None,
+                   help="the reference's fp16 autocast + GradScaler when given as true (default: "
+                        "unset: --precision follows the device)")
+    g.add_argument("--seed", type=int, default=0, help="seed of weights, crops, masks, drops")
 
-    g = p.add_argument_group("fast step (ibot_fast/fast_step.py; every option has a reference)")
-    g.add_argument("--fast_step", type=_bool, default=False,
-                   help="the fast training step (same numbers as the reference step, tested): "
-                        "selected-token head, packed crops, flat EMA, fused AdamW")
-    g.add_argument("--attn_backend", choices=["sdpa", "math", "xformers", "flex", "varlen"],
-                   default="sdpa", help="attention: sdpa (default, CPU), math (explicit "
-                   "softmax, the reference), xformers / flex / varlen (CUDA)")
-    g.add_argument("--head_tokens", choices=["selected", "all"], default="selected",
+    g = p.add_argument_group(
+        "speed (every option computes the reference's numbers unless it says otherwise; "
+        "tests compare each with --step reference)")
+    g.add_argument("--step", choices=STEP_PATHS, default=None,
+                   help="the training step: fast (selected-token head, packed crops, fused "
+                        "loss, fused AdamW, flat EMA) or reference (the reference's "
+                        "computation order) (default: fast)")
+    g.add_argument("--fast_step", type=_bool, default=None,
+                   help="older name of --step: true = fast, false = reference (default: unset)")
+    g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16", "fp64"],
+                   default="auto",
+                   help="autocast precision; auto: bf16 on a CUDA GPU that supports it, fp32 "
+                        "otherwise (fp16 with --use_fp16 true); fp64 runs everything in "
+                        "double, for verification only")
+    g.add_argument("--attn_backend", choices=ALL_ATTN_BACKENDS, default="sdpa",
+                   help="attention (both step paths): sdpa (CPU and GPU), math (explicit "
+                        "softmax, the reference), xformers / flex / varlen (CUDA; varlen: "
+                        "16-bit only)")
+    g.add_argument("--head_tokens", choices=HEAD_TOKENS, default="selected",
                    help="fast step: head on [CLS] + masked tokens only, or on every token")
     g.add_argument("--packed_crops", type=_bool, default=True,
                    help="fast step: global and local crops through each block in one pass")
-    g.add_argument("--compile", type=_compile_mode, default=False,
-                   help="fast step: torch.compile with static shapes: 'blocks' (= true) each "
-                        "transformer block, 'step' teacher + student forward + loss as one "
-                        "graph (needs --head_tokens selected, not with --fsdp); false: eager")
-    g.add_argument("--fused_head_loss", type=_bool, default=False,
-                   help="fast step, --head_tokens selected: the patch head's K2-way last "
-                        "layer runs inside the patch loss (soft_ce_linear), so no [M, K2] "
-                        "logits tensor is materialised (student or teacher)")
-    g.add_argument("--ema_backend", choices=["auto", "triton", "torch"], default="auto",
+    g.add_argument("--loss_backend", choices=LOSS_BACKENDS, default="auto",
+                   help="loss kernels: auto (triton on CUDA, chunked torch otherwise), "
+                        "triton, torch, or eager (the dense reference loss: needs --step "
+                        "reference or --head_tokens all)")
+    g.add_argument("--ema_backend", choices=EMA_BACKENDS, default="auto",
                    help="fast step: flat-buffer EMA kernel (triton on CUDA) or lerp_")
     g.add_argument("--ema_teacher_bf16", type=_bool, default=False,
                    help="fast step: the EMA also writes a bf16 teacher copy for the teacher "
-                        "forward (needs --precision bf16)")
-    g.add_argument("--drop_path_mode", choices=["sample", "subset"], default="sample",
+                        "forward (needs --precision bf16; not with --fsdp)")
+    g.add_argument("--drop_path_mode", choices=DROP_PATH_MODES, default="sample",
                    help="fast step: per-sample drop path (reference) or DINOv2's "
-                        "compute-skipping batch-subset residual (same expectation)")
+                        "compute-skipping batch-subset residual (same expectation, not the "
+                        "reference's distribution)")
+    g.add_argument("--compile", type=_compile_mode, default=False,
+                   help="fast step, opt-in until measured on a GPU: torch.compile with static "
+                        "shapes: 'blocks' (= true) each transformer block, 'step' teacher + "
+                        "student forward + loss as one graph (needs --head_tokens selected, "
+                        "not with --fsdp); false: eager")
+    g.add_argument("--fused_head_loss", type=_bool, default=False,
+                   help="fast step, --head_tokens selected, opt-in until measured on a GPU: "
+                        "the patch head's K2-way last layer runs inside the patch loss "
+                        "(soft_ce_linear), so no [M, K2] logits tensor is materialised")
     g.add_argument("--fsdp", type=_bool, default=False,
-                   help="fast step: FSDP2 (fully_shard per block, then the whole student; the "
-                        "teacher sharded the same way) instead of DDP; full-state checkpoints "
-                        "interchangeable with DDP ones")
+                   help="fast step under torchrun: FSDP2 (fully_shard per block, then the "
+                        "whole student; the teacher sharded the same way) instead of DDP; "
+                        "full-state checkpoints interchangeable with DDP ones")
+    g.add_argument("--threads", type=_count, default="auto",
+                   help="intra-op CPU threads per process; auto: $OMP_NUM_THREADS when set, "
+                        "else the cores this process may use (sched_getaffinity) shared "
+                        "between the ranks of the host and the loader workers")
 
-    g = p.add_argument_group("data and run")
+    g = p.add_argument_group("exactness and verification")
+    g.add_argument("--deterministic", type=_bool, default=False,
+                   help="deterministic algorithms (slower; used by the resume tests)")
+    g.add_argument("--compile_backend", choices=["inductor", "aot_eager", "eager"],
+                   default="inductor",
+                   help="torch.compile back end of --compile (aot_eager: graph capture "
+                        "without code generation, for tests)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda when torch sees a GPU, else cpu")
+
+    g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None,
                    help="ImageFolder root (class sub-folders), 'mnist_5k' for the embedded "
-                        "demo digits, or 'synthetic[:N]' for generated images")
-    g.add_argument("--output_dir", default="./output")
+                        "demo digits, or 'synthetic[:N]' for generated images (default: none; "
+                        "required)")
+    g.add_argument("--num_workers", type=_count, default="auto",
+                   help="DataLoader workers (torch data back end) or DALI CPU threads (dali); "
+                        "auto: from the cores this process may use, shared between the ranks "
+                        "of the host (at most 10, the reference's value)")
+    g.add_argument("--data_backend", choices=["auto", "dali", "torch"], default="auto",
+                   help="dali: decode + augment with NVIDIA DALI (on the GPU when training on "
+                        "one); torch: PIL in DataLoader workers; auto: dali on a GPU when DALI "
+                        "is installed (pip install ibot_fast[dali]), torch otherwise")
+    g.add_argument("--mask_backend", choices=["auto", "python", "cpp", "cuda"], default="auto",
+                   help="mask generator: python (reference), cpp (C++ extension, in the loader "
+                        "workers), cuda (GPU kernel in the training process); auto: cpp when "
+                        "ibot_fast._mask_ext is built, else python")
+
+    g = p.add_argument_group("run, checkpoints and faults")
+    g.add_argument("--output_dir", default="./output", help="checkpoints, logs, curves")
     g.add_argument("--saveckp_freq", type=int, default=40,
                    help="also keep checkpointNNNN.pth every N epochs (0: never)")
     g.add_argument("--resume", type=_bool, default=True,
                    help="resume from output_dir/checkpoint.pth when it exists")
     g.add_argument("--load_from", default=None,
-                   help="checkpoint to resume from (relative paths are under output_dir)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num_workers", type=int, default=10,
-                   help="DataLoader workers (torch data back end) or DALI CPU threads (dali)")
-    g.add_argument("--data_backend", choices=["auto", "dali", "torch"], default="auto",
-                   help="dali: decode + augment with NVIDIA DALI (on the GPU when training on "
-                        "one); torch: PIL in DataLoader workers; auto: dali on a GPU when DALI "
-                        "is installed (pip install ibot_fast[dali]), torch otherwise")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--deterministic", type=_bool, default=False,
-                   help="deterministic algorithms (slower; used by the resume tests)")
-    g.add_argument("--log_freq", type=int, default=10, help="steps between logged lines")
-    g.add_argument("--max_steps_per_epoch", type=int, default=0,
-                   help="stop each epoch after N steps (0: full epoch); for smoke tests")
-    g.add_argument("--progress", type=_bool, default=True, help="progress bar on rank 0")
+                   help="checkpoint to resume from (relative paths are under output_dir) "
+                        "(default: none)")
+    g.add_argument("--keep_checkpoints", type=int, default=2,
+                   help="keep checkpoint.pth and its K-1 predecessors (checkpoint.1.pth, ...); "
+                        "a corrupt newest one falls back to the previous on resume")
     g.add_argument("--on_nan", choices=["stop", "skip"], default="stop",
                    help="a non-finite loss or gradient: 'stop' (exit code 3 at the next "
                         "--log_freq sync, naming the step; no checkpoint of it is written) or "
                         "'skip' (that step changes nothing, on every rank; costs one host sync "
                         "per step)")
-    g.add_argument("--keep_checkpoints", type=int, default=2,
-                   help="keep checkpoint.pth and its K-1 predecessors (checkpoint.1.pth, ...); "
-                        "a corrupt newest one falls back to the previous on resume")
+    g.add_argument("--log_freq", type=int, default=10, help="steps between logged lines")
+    g.add_argument("--max_steps_per_epoch", type=int, default=0,
+                   help="stop each epoch after N steps (0: full epoch); for smoke tests")
+    g.add_argument("--progress", type=_bool, default=True, help="progress bar on rank 0")
+
+    g = p.add_argument_group("evaluation")
     g.add_argument("--knn_eval", type=_bool, default=False,
                    help="k-NN evaluation of the teacher (and of the random init) at the end")
     g.add_argument("--knn_train_path", default=None,
                    help="labelled ImageFolder for the k-NN memory (default: data_path)")
     g.add_argument("--knn_val_path", default=None,
-                   help="held-out labelled ImageFolder for the k-NN queries")
+                   help="held-out labelled ImageFolder for the k-NN queries (default: none)")
     g.add_argument("--knn_every", type=int, default=0,
                    help="every N epochs: teacher k-NN + NMI/ARI on the k-NN folders, one line "
                         "in output_dir/knn.jsonl (0: never)")
@@ -208,11 +306,239 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(parser: argparse.ArgumentParser, msg: str):
-    parser.error(msg)  # prints usage + message, exits with status 2
+    parser.error(msg)  # one line + a hint, exit status 2
+
+
+# ------------------------------------------------------------------------ flag combinations
+@dataclass(frozen=True)
+class Rule:
+    """A rule about two or more flags: ``broken(args)`` is True when they disagree; ``message``
+    names the flags and the fix. Checked on the resolved namespace (device, precision and step
+    path already decided), before any data or model exists."""
+    name: str
+    broken: Callable[[argparse.Namespace], bool]
+    message: str
+
+
+# Flags only the fast step reads, with the value that leaves them out of the way.
+FAST_ONLY_FLAGS = {"head_tokens": "selected", "packed_crops": True, "ema_backend": "auto",
+                   "ema_teacher_bf16": False, "drop_path_mode": "sample", "compile": False,
+                   "fused_head_loss": False, "fsdp": False}
+
+
+def _flag(name, value) -> str:
+    if value is False:
+        value = "false"
+    elif value is True:
+        value = "true"
+    return f"--{name} {value}"
+
+
+def _fast_only_rule(name: str, neutral) -> Rule:
+    return Rule(f"reference-step-{name}",
+                lambda a: a.step == "reference" and getattr(a, name) != neutral,
+                f"{{}} is an option of the fast step: drop --step reference (or "
+                f"--fast_step false), or leave --{name} at {_flag(name, neutral).split()[1]}")
+
+
+def _triton_ok(a) -> bool:
+    return a.device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+CROSS_FLAG_RULES: tuple[Rule, ...] = (
+    Rule("step-vs-fast_step",
+         lambda a: a.fast_step is not None and a.step is not None
+         and a.step != ("fast" if a.fast_step else "reference"),
+         "--fast_step is the older name of --step (true = fast, false = reference) and the two "
+         "disagree: give only --step"),
+    Rule("use_fp16-vs-precision",
+         lambda a: a.use_fp16 is not None and a.precision != "auto"
+         and (a.precision == "fp16") != a.use_fp16,
+         "--use_fp16 and --precision disagree: give only --precision (fp16 is --use_fp16 "
+         "true)"),
+    *(_fast_only_rule(n, v) for n, v in FAST_ONLY_FLAGS.items()),
+    Rule("fused_head_loss-head_tokens",
+         lambda a: a.fused_head_loss and a.head_tokens != "selected",
+         "--fused_head_loss true fuses the patch head's last layer into the loss on the "
+         "selected rows: it needs --head_tokens selected"),
+    Rule("compile-step-head_tokens",
+         lambda a: a.compile == "step" and a.head_tokens != "selected",
+         "--compile step compiles the static-shape step of --head_tokens selected; with "
+         "--head_tokens all use --compile blocks"),
+    Rule("compile-step-fsdp",
+         lambda a: a.compile == "step" and a.fsdp,
+         "--compile step is not supported with --fsdp true (FSDP2's per-block all-gather "
+         "hooks run inside the step); use --compile blocks"),
+    Rule("loss_backend-eager-selected",
+         lambda a: a.loss_backend == "eager" and a.step == "fast" and a.head_tokens == "selected",
+         "--loss_backend eager is the dense reference loss, --head_tokens selected feeds the "
+         "fused one: use --head_tokens all or --step reference with it, or --loss_backend "
+         "auto/torch/triton"),
+    Rule("loss_backend-triton-device",
+         lambda a: a.loss_backend == "triton" and not _triton_ok(a),
+         "--loss_backend triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU tests); "
+         "use --loss_backend auto or torch"),
+    Rule("loss_backend-triton-fp64",
+         lambda a: a.loss_backend == "triton" and a.precision == "fp64",
+         "--loss_backend triton computes in fp32; --precision fp64 needs --loss_backend auto "
+         "or torch"),
+    Rule("ema_teacher_bf16-precision",
+         lambda a: a.ema_teacher_bf16 and a.precision != "bf16",
+         "--ema_teacher_bf16 true keeps a bf16 teacher copy for a bf16 forward: it needs "
+         "--precision bf16"),
+    Rule("ema_teacher_bf16-fsdp",
+         lambda a: a.ema_teacher_bf16 and a.fsdp,
+         "--ema_teacher_bf16 true is a flat-buffer (DDP) option; with --fsdp true leave it "
+         "false"),
+    Rule("ema_backend-triton-fsdp",
+         lambda a: a.ema_backend == "triton" and a.fsdp,
+         "--ema_backend triton updates one flat buffer; with --fsdp true the EMA is a foreach "
+         "lerp_ over the shards: use --ema_backend auto or torch"),
+    Rule("ema_backend-triton-device",
+         lambda a: a.ema_backend == "triton" and not _triton_ok(a),
+         "--ema_backend triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU tests); use "
+         "--ema_backend auto or torch"),
+    Rule("attn_backend-varlen-precision",
+         lambda a: a.attn_backend == "varlen" and a.precision not in ("fp16", "bf16"),
+         "--attn_backend varlen is flash attention, which computes in 16 bits only: use "
+         "--precision bf16 (or fp16), or --attn_backend sdpa"),
+    Rule("attn_backend-device",
+         lambda a: a.attn_backend in ("xformers", "varlen") and a.device != "cuda",
+         "{} needs a CUDA device (xformers has no CPU kernels, varlen is flash attention); "
+         "use --attn_backend sdpa on the CPU"),
+    Rule("attn_backend-flex-cpu",
+         lambda a: a.attn_backend == "flex" and a.device != "cuda",
+         "--attn_backend flex: this torch has no flex_attention backward on the CPU; use "
+         "--attn_backend sdpa (flex is for CUDA)"),
+    Rule("mask_backend-cuda-device",
+         lambda a: a.mask_backend == "cuda" and a.device != "cuda",
+         "--mask_backend cuda generates masks on the GPU; on the CPU use --mask_backend cpp "
+         "or python"),
+    Rule("data_backend-dali-synthetic",
+         lambda a: a.data_backend == "dali" and a.data_path is not None
+         and a.data_path.startswith("synthetic"),
+         "--data_backend dali decodes image files; --data_path synthetic generates images: "
+         "use --data_backend torch (or auto)"),
+    Rule("fsdp-torchrun",
+         lambda a: a.fsdp and "WORLD_SIZE" not in os.environ,
+         "--fsdp true shards over a process group: launch with torchrun (torchrun "
+         "--nproc_per_node G -m ibot_fast.train ...; G may be 1)"),
+)
+
+
+def _rule_flags(rule: Rule, args) -> str:
+    """The flags a fast-only rule is about, as given (for its message)."""
+    name = rule.name.removeprefix("reference-step-")
+    if name in FAST_ONLY_FLAGS:
+        return _flag(name, getattr(args, name))
+    if rule.name == "attn_backend-device":
+        return f"--attn_backend {args.attn_backend}"
+    return ""
+
+
+def cross_flag_errors(args) -> list[str]:
+    """Messages of every :data:`CROSS_FLAG_RULES` rule ``args`` breaks."""
+    return [r.message.format(_rule_flags(r, args)) for r in CROSS_FLAG_RULES if r.broken(args)]
+
+
+# ------------------------------------------------------------------------------- the machine
+def resolve_device(requested: str) -> str:
+    import torch
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def default_precision(device: str) -> str:
+    """bf16 autocast on a CUDA GPU that supports it, fp32 elsewhere (fp16 on a CPU is 17-21x
+    slower than fp32 and brings a GradScaler for nothing)."""
+    import torch
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's core count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers_and_threads(device: str) -> tuple[int, int]:
+    """(loader workers, intra-op threads) for one process: the usable cores shared between
+    the ranks on this host (``LOCAL_WORLD_SIZE``, set by torchrun). On the CPU the training
+    process computes, so half the share each; on a GPU most of it decodes images (workers, at
+    most 10, the reference's value) and the training process keeps the rest."""
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = max(1, usable_cores() // ranks)
+    workers = min(10, cores - 1 if device == "cuda" else cores // 2)
+    return workers, max(1, cores - workers)
+
+
+# --------------------------------------------------------------------------- paths, schedules
+def _data_path_error(path: str, need: int) -> Optional[str]:
+    """Why ``--data_path`` cannot feed one global batch of ``need`` images, or None. Counts
+    images only up to ``need`` (a large dataset is not scanned here)."""
+    from ibot_fast.data.dataset import IMG_EXTENSIONS
+    if path == "mnist_5k" or path.startswith("synthetic"):
+        if path.startswith("synthetic:"):
+            n = path.split(":", 1)[1]
+            if not n.isdigit() or int(n) < need:
+                return (f"--data_path {path}: need an image count of at least one global batch "
+                        f"({need} = --batch_size_per_gpu x processes), e.g. synthetic:{need}")
+        return None
+    if not os.path.exists(path):
+        return (f"--data_path {path} does not exist: pass an ImageFolder root "
+                f"(root/<class>/<image>), or mnist_5k for the demo digits")
+    if not os.path.isdir(path):
+        return (f"--data_path {path} is a file, not a folder: pass the folder that holds one "
+                f"sub-folder per class (root/<class>/<image>)")
+    classes = [e.path for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
+    if not classes:
+        return (f"--data_path {path} is empty (no class sub-folders): put the images in at "
+                f"least one sub-folder, root/<class>/<image> (one dummy class is fine)")
+    found = 0
+    for cls in sorted(classes):
+        for _dir, _subdirs, files in os.walk(cls, followlinks=True):
+            found += sum(f.lower().endswith(IMG_EXTENSIONS) for f in files)
+            if found >= need:
+                return None
+    if found == 0:
+        return (f"--data_path {path} is empty: no images ({', '.join(IMG_EXTENSIONS)}) in its "
+                f"{len(classes)} class folder(s)")
+    return (f"--data_path {path} holds {found} image(s), fewer than one global batch ({need} = "
+            f"--batch_size_per_gpu x processes): lower --batch_size_per_gpu or add images")
+
+
+def _output_dir_error(out: str) -> Optional[str]:
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--output_dir {out} is an existing file: pass a folder (it is created if missing)"
+    parent = out
+    while not os.path.exists(parent):  # the nearest existing folder is where it gets created
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--output_dir {out}: {parent} is not writable; pick a folder you can write to"
+    return None
+
+
+def _schedule_errors(args) -> list[str]:
+    """Every schedule that does not fit in --epochs (all of them, not the first)."""
+    errs = []
+    # the patch temperature warms up after --pred_start_epoch (the [CLS] one from epoch 0)
+    if args.pred_start_epoch + args.warmup_teacher_temp_epochs > args.epochs:
+        errs.append(f"the teacher temperature schedule does not fit: --pred_start_epoch "
+                    f"{args.pred_start_epoch} + --warmup_teacher_temp_epochs "
+                    f"{args.warmup_teacher_temp_epochs} > --epochs {args.epochs}")
+    if args.warmup_epochs > args.epochs:
+        errs.append(f"the lr warm-up --warmup_epochs {args.warmup_epochs} is longer than "
+                    f"--epochs {args.epochs}")
+    return errs
 
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None):
-    """Reject inconsistent settings before any work starts."""
+    """Reject inconsistent settings before any work starts; resolve every ``auto``."""
     parser = parser or build_parser()
     from ibot_fast.models.vit import ARCHS
 
@@ -241,29 +567,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
     except ValueError as err:
         _fail(parser, f"masking flags: {err} (--pred_ratio / --pred_ratio_var / "
                       f"--pred_start_epoch)")
-    from ibot_fast.masking import default_mask_backend, extension_available
-    if args.mask_backend is None:
-        args.mask_backend = default_mask_backend()  # logs why when it falls back to python
-    elif args.mask_backend != "python" and not extension_available(args.mask_backend == "cuda"):
-        need = " built with CUDA, and a GPU" if args.mask_backend == "cuda" else ""
-        _fail(parser, f"--mask_backend {args.mask_backend} needs the C++ extension "
-                      f"ibot_fast._mask_ext{need}, which is not available; use --mask_backend "
-                      f"python or rebuild it (bash scripts/setup.sh)")
-    if args.mask_backend == "cuda" and args.device == "cpu":
-        _fail(parser, "--mask_backend cuda generates masks on the GPU; it cannot run with "
-                      "--device cpu")
-    if args.epochs < 1:
-        _fail(parser, "--epochs must be >= 1")
-    # The schedules own their length rules (as the mask generator owns the masking rules).
-    from ibot_fast.schedules import cosine_scheduler, teacher_temp_schedule
-    try:
-        teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
-                              args.warmup_teacher_temp_epochs, args.epochs,
-                              start_epoch=args.pred_start_epoch)
-        cosine_scheduler(args.lr, args.min_lr, args.epochs, 1, warmup_epochs=args.warmup_epochs)
-    except ValueError as err:
-        _fail(parser, str(err))
-    for name in ("batch_size_per_gpu", "out_dim", "patch_out_dim", "head_hidden_dim",
+    for name in ("epochs", "batch_size_per_gpu", "out_dim", "patch_out_dim", "head_hidden_dim",
                  "head_bottleneck_dim", "log_freq"):
         if getattr(args, name) < 1:
             _fail(parser, f"--{name} must be >= 1")
@@ -271,28 +575,80 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
                  "warmup_teacher_patch_temp"):
         if not getattr(args, name) > 0:
             _fail(parser, f"--{name} must be > 0")
+    for name in ("lr", "min_lr", "weight_decay", "weight_decay_end"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            need = "> 0" if name == "lr" else ">= 0"
+            _fail(parser, f"--{name} {value}: must be finite and {need}")
     if not 0 <= args.momentum_teacher <= 1:
         _fail(parser, "--momentum_teacher must be in [0, 1]")
     if not 0 <= args.drop_path < 1:
         _fail(parser, "--drop_path must be in [0, 1)")
     if args.keep_checkpoints < 1:
         _fail(parser, "--keep_checkpoints must be >= 1 (checkpoint.pth itself)")
-    if args.knn_every < 0:
-        _fail(parser, "--knn_every must be >= 0 (0: no periodic k-NN)")
-    if args.clip_grad < 0 or args.num_workers < 0 or args.max_steps_per_epoch < 0:
-        _fail(parser, "--clip_grad, --num_workers and --max_steps_per_epoch must be >= 0")
-    if not all(math.isfinite(x) for x in (args.lr, args.min_lr, args.weight_decay,
-                                          args.weight_decay_end)):
-        _fail(parser, "--lr, --min_lr, --weight_decay and --weight_decay_end must be finite")
+    for name in ("knn_every", "saveckp_freq", "warmup_epochs", "warmup_teacher_temp_epochs",
+                 "freeze_last_layer", "pred_start_epoch", "clip_grad", "max_steps_per_epoch"):
+        if getattr(args, name) < 0:
+            _fail(parser, f"--{name} must be >= 0")
+    errs = _schedule_errors(args)
+    if errs:
+        _fail(parser, "; ".join(errs) + ": raise --epochs or shorten "
+                      + ("these schedules" if len(errs) > 1 else "the schedule"))
     if args.data_path is None:
         _fail(parser, "--data_path is required: an ImageFolder root (root/<class>/<image>), "
                       "'mnist_5k' for the embedded demo digits, or '--preset demo'")
+
+    # ---- resolve what auto means on this machine (recorded in args.json) ----
+    args.device = resolve_device(args.device)
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            _fail(parser, "--device cuda: torch sees no CUDA device; use --device cpu (or auto)")
+    if args.precision == "auto":
+        args.precision = "fp16" if args.use_fp16 else default_precision(args.device)
+    errs = cross_flag_errors(args)  # before the step path is resolved: it reads --fast_step
+    args.step = args.step or ("reference" if args.fast_step is False else "fast")
+    args.fast_step = args.step == "fast"
+    errs = errs + [e for e in cross_flag_errors(args) if e not in errs]
+    if errs:
+        _fail(parser, "; ".join(errs))
+    args.use_fp16 = args.precision == "fp16"
     # The patch head follows the [CLS] head's size whenever either net shares it (reference).
     if args.shared_head or args.shared_head_teacher:
         args.patch_out_dim = args.out_dim
-    if args.precision is None:
-        args.precision = "fp16" if args.use_fp16 else "fp32"
-    args.use_fp16 = args.precision == "fp16"
+
+    from ibot_fast.masking import default_mask_backend, extension_available
+    if args.mask_backend == "auto":
+        args.mask_backend = default_mask_backend()  # logs why when it falls back to python
+    elif args.mask_backend != "python" and not extension_available(args.mask_backend == "cuda"):
+        need = " built with CUDA, and a GPU" if args.mask_backend == "cuda" else ""
+        _fail(parser, f"--mask_backend {args.mask_backend} needs the C++ extension "
+                      f"ibot_fast._mask_ext{need}, which is not available; use --mask_backend "
+                      f"python or rebuild it (bash scripts/setup.sh)")
+    from ibot_fast.data.dali import resolve_data_backend
+    if args.data_path.startswith("synthetic") and args.data_backend == "auto":
+        args.data_backend = "torch"  # generated images: no files for DALI to decode
+    try:
+        args.data_backend = resolve_data_backend(args.data_backend, args.device)
+    except ValueError as err:
+        _fail(parser, str(err))
+    try:
+        from ibot_fast.models.packed import check_attn_backend
+        check_attn_backend(args.attn_backend, args.device, training=True)
+    except ValueError as err:
+        _fail(parser, str(err))
+    workers, threads = default_workers_and_threads(args.device)
+    if args.num_workers == "auto":
+        args.num_workers = workers
+    if args.threads in ("auto", 0):
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        args.threads = int(env) if env.isdigit() and int(env) > 0 else threads
+
+    global_batch = args.batch_size_per_gpu * max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    for err in (_data_path_error(args.data_path, global_batch),
+                _output_dir_error(args.output_dir)):
+        if err:
+            _fail(parser, err)
     return args
 
 
@@ -305,3 +661,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**PRESETS[known.preset])
     args = parser.parse_args(argv)  # unknown flags fail here
     return validate(args, parser)
+
+
+def default_args(**overrides) -> argparse.Namespace:
+    """The parser's defaults as a namespace (not validated): for code and tests that build
+    ``args`` without a command line. ``overrides`` set fields by name."""
+    args = build_parser().parse_args([])
+    for name, value in overrides.items():
+        if not hasattr(args, name):
+            raise AttributeError(f"default_args: no flag --{name}")
+        setattr(args, name, value)
+    return args

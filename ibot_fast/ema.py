@@ -1,10 +1,10 @@
-"""EMA teacher update: ``theta_t <- m * theta_t + (1 - m) * theta_s`` (reference §7.2 step 9).
+"""EMA teacher update after each optimiser step: ``theta_t <- m * theta_t + (1 - m) * theta_s``.
 
 Parameters are paired by name (only names present in both networks: ``masked_embed`` and, with a
 separate student patch head but a shared teacher head, ``last_layer2`` are left out), buffers are
 not averaged. The reference loops in Python with three kernels per tensor; here the same
 arithmetic (multiply, scale, add — so the rounding is identical) runs as three foreach launches.
-A flat-buffer Triton kernel comes with the fast-step issue; this stays its reference.
+:class:`FlatEMA` (the fast step's flat-buffer EMA) is tested against this one.
 """
 from __future__ import annotations
 
@@ -36,25 +36,36 @@ class EMATeacherUpdate:
 EMA_BACKENDS = ("auto", "triton", "torch")
 
 
-def _resolve_ema_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    import os
-    if backend not in EMA_BACKENDS:
-        raise ValueError(f"ema backend must be one of {EMA_BACKENDS}, got {backend!r}")
+def _triton_installed() -> bool:
     try:
         import triton  # noqa: F401
-        has_triton = True
+        return True
     except Exception:
-        has_triton = False
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and has_triton else "torch"
+        return False
+
+
+def check_ema_backend(backend: str, device_type: str) -> None:
+    """Raise ValueError (naming the fix) when ``--ema_backend backend`` cannot run on a
+    ``device_type`` device; the flag validation calls it before any work."""
+    import os
+    if backend not in EMA_BACKENDS:
+        raise ValueError(f"--ema_backend must be one of {EMA_BACKENDS}, got {backend!r}")
     if backend == "triton":
-        if not has_triton:
-            raise ValueError("--ema_backend triton: triton is not installed; use torch")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("--ema_backend triton needs CUDA tensors (or TRITON_INTERPRET=1 set "
-                             "before triton is imported, for CPU tests); use torch")
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"--ema_backend triton updates fp32/fp64 buffers, got {dtype}")
+        if not _triton_installed():
+            raise ValueError("--ema_backend triton: triton is not installed; use --ema_backend "
+                             "torch (or auto)")
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--ema_backend triton needs a CUDA device (or TRITON_INTERPRET=1 "
+                             "set before triton is imported, for CPU tests); use --ema_backend "
+                             "torch (or auto)")
+
+
+def _resolve_ema_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    check_ema_backend(backend, device.type)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_installed() else "torch"
+    if backend == "triton" and dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"--ema_backend triton updates fp32/fp64 buffers, got {dtype}")
     return backend
 
 

@@ -1,18 +1,18 @@
-"""The fast training step (``--fast_step true``): the reference step's numbers, less work.
+"""The fast step path (``--step fast``, the default): the reference step's numbers, less work.
 
-``Trainer.train_step`` (train.py) is the reference path; with ``--fast_step true`` it hands each
-step to :class:`FastStep`, which computes the same loss, gradients, optimiser update, EMA and
-centres (tests/test_fast_step.py compares them flag by flag) with these changes, each behind a
-flag:
+``Trainer.train_step`` (train.py) is the one step skeleton; :class:`FastPath` is the step path
+(``ibot_fast/step.py``) it runs by default. It computes the same loss, gradients, optimiser
+update, EMA and centres as :class:`ibot_fast.step.ReferencePath` (``--step reference``;
+tests/test_fast_step.py compares them flag by flag) with these changes, each behind a flag:
 
 * ``--head_tokens selected`` (default; ``all`` is the reference's head on every token): the
   student head runs on the [CLS] token of every crop and on the masked patch tokens only,
   gathered with the loader's padded flat indices (``MaskBatch.idx_M``, static shape
   M = ng·B·max_masked); the teacher's K-way last layer runs on its [CLS] tokens and the same
   masked positions. The teacher patch centre needs the mean of the teacher logits over *all*
-  patch tokens; the last layer is linear without bias, so ``mean_t(W ẑ_t) = W mean_t(ẑ_t)``
-  (DESIGN.md step 3): the teacher MLP runs on every token (its bottleneck vectors are needed for
-  the mean), the K-way layer on one mean vector. The loss is ``IBOTLoss.forward_selected``
+  patch tokens; the last layer is linear without bias, so ``mean_t(W ẑ_t) = W mean_t(ẑ_t)``:
+  the teacher MLP runs on every token (its bottleneck vectors are needed for the mean), the
+  K-way layer on one mean vector. The loss is ``IBOTLoss.forward_selected``
   (fused ``soft_ce`` on the selected rows).
 * ``--fused_head_loss true`` (with ``selected``; default false): the patch head's K2-way last
   layer moves into the patch loss (``IBOTLoss.forward_selected_linear`` ->
@@ -29,8 +29,8 @@ flag:
 * ``--compile blocks`` (``true``): every block is ``torch.compile``d (``dynamic=False``): shapes
   are static (padded mask indices, drop-path coins drawn outside as inputs), so nothing
   recompiles after the first step whatever the masks.
-* ``--compile step`` (with ``selected``, not with FSDP): :meth:`FastStep.forward_loss` -- teacher
-  forward, student forward and loss -- is one ``torch.compile``d function (``dynamic=False``,
+* ``--compile step`` (with ``selected``, not with FSDP): :meth:`FastPath._forward_selected`
+  -- teacher forward, student forward and loss -- is one ``torch.compile``d function (``dynamic=False``,
   one graph, no graph break): the drop-path draws and the epoch's teacher temperatures (0-dim
   tensors) are inputs, and the loss's torch back end takes every padded row instead of its
   ``nonzero``, so neither new masks nor a new epoch recompile. The optimiser (fused AdamW) and
@@ -47,13 +47,14 @@ flag:
   layer's gradients are dropped from a precomputed list. No host syncs in the step (the fused
   loss's torch back end has one ``nonzero``; on CUDA the Triton back end has none).
 
-With ``--fast_step false`` (default) nothing here runs except the attention back end choice,
-which applies to both paths.
-
 * ``--fsdp true`` (``ibot_fast/fsdp.py``): FSDP2 instead of DDP: ``fully_shard`` per block, then
   the whole student wrapper; the teacher sharded the same way, so the EMA is a local foreach
   ``lerp_`` over the shards; per-tensor clipping on full-tensor norms; full (DDP-format)
   checkpoints.
+
+``--attn_backend`` applies to both paths; every other flag above is refused with
+``--step reference`` (``ibot_fast/config.py`` checks the combinations before any work).
+``--compile`` and ``--fused_head_loss`` stay opt-in until a GPU measurement shows they win.
 
 Shapes: B images per crop, ng global / nl local crops, nc = ng + nl, N (n) patch tokens of a
 global (local) crop, D width, K / K2 head outputs, M = ng·B·max_masked selected patch rows,
@@ -69,12 +70,12 @@ from ibot_fast.ema import FlatEMA
 from ibot_fast.masking import MaskBatch, MaskGenerator
 from ibot_fast.models.packed import (PackedBlock, check_attn_backend, cls_rows,
                                      draw_drop_path_coins, draw_subsets, prepare_groups)
-from ibot_fast.optim import (build_optimizer, clip_gradients_per_tensor, get_params_groups,
-                             set_schedules)
+from ibot_fast.optim import build_optimizer, get_params_groups
+from ibot_fast.step import StepPath, ddp
 
 HEAD_TOKENS = ("selected", "all")
 DROP_PATH_MODES = ("sample", "subset")
-COMPILE_MODES = (False, "blocks", "step")
+COMPILE_MODES = (False, "blocks", "step")  # False: eager
 
 
 def patch_token_rows(idx_M: torch.Tensor, n_patches: int) -> torch.Tensor:
@@ -108,7 +109,7 @@ class _Blocks:
     def __init__(self, backbone, attn_backend: str, compile_blocks: bool,
                  compile_backend: str = "inductor"):
         self.blocks = list(backbone.blocks)
-        self.fsdp = False  # set by FastStep after fsdp.shard_blocks_and_root
+        self.fsdp = False  # set by FastPath after fsdp.shard_blocks_and_root
         self.runners = [PackedBlock(b, attn_backend=attn_backend) for b in self.blocks]
         if compile_blocks:
             for r in self.runners:
@@ -196,99 +197,61 @@ class FastStudent(nn.Module):
         return outs
 
 
-class FastStep:
-    """One training iteration of the fast path; called by ``Trainer.train_step``.
+class FastPath(StepPath):
+    """``--step fast`` (the default): the fast forward and loss of ``Trainer.train_step``.
 
-    Holds no state of its own that a checkpoint needs: parameters, optimiser, centres and the
-    schedules stay the trainer's (the optimiser is rebuilt fused, with the same state format).
+    Builds, over the trainer's networks and loss: the flat EMA (or, with ``--fsdp``, the
+    sharded one), the packed block runners, the student module (:class:`FastStudent`, DDP- or
+    FSDP-wrapped when distributed) and fused AdamW (the same ``state_dict`` format as the
+    reference's). The cross-flag rules are checked by ``ibot_fast.config`` before anything is
+    built; what needs the process group or the device is checked here.
     """
 
-    def __init__(self, trainer):
-        tr, args = trainer, trainer.args
-        self.tr = tr
-        self.head_tokens = getattr(args, "head_tokens", "selected")
-        self.packed = getattr(args, "packed_crops", True)
-        self.drop_path_mode = getattr(args, "drop_path_mode", "sample")
-        self.compile = getattr(args, "compile", False)
-        if self.compile is True:  # --compile true (older command lines) means the blocks
-            self.compile = "blocks"
-        self.fused_head = getattr(args, "fused_head_loss", False)
-        attn = getattr(args, "attn_backend", "sdpa")
-        if self.head_tokens not in HEAD_TOKENS:
-            raise ValueError(f"--head_tokens must be one of {HEAD_TOKENS}, got "
-                             f"{self.head_tokens!r}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"--compile must be false, blocks (= true) or step, got "
-                             f"{self.compile!r}")
-        if self.fused_head and self.head_tokens != "selected":
-            raise ValueError("--fused_head_loss true fuses the patch head's last layer into "
-                             "the loss on the selected rows: it needs --head_tokens selected")
-        if self.compile == "step" and self.head_tokens != "selected":
-            raise ValueError("--compile step compiles the static-shape step of --head_tokens "
-                             "selected; with --head_tokens all use --compile blocks")
-        if self.compile == "step" and getattr(args, "fsdp", False):
-            raise ValueError("--compile step is not supported with --fsdp true (FSDP2's "
-                             "per-block all-gather hooks run inside the step); use --compile "
-                             "blocks")
-        if self.drop_path_mode not in DROP_PATH_MODES:
-            raise ValueError(f"--drop_path_mode must be one of {DROP_PATH_MODES}, got "
-                             f"{self.drop_path_mode!r}")
-        if self.head_tokens == "selected" and getattr(tr.ibot_loss, "backend", "") == "eager":
-            raise ValueError("--head_tokens selected feeds the fused loss "
-                             "(IBOTLoss.forward_selected); --loss_backend eager is the dense "
-                             "reference loss: use --head_tokens all with it, or auto/torch/triton")
-        check_attn_backend(attn, tr.device, training=True)
-        student, teacher = tr.student_without_ddp, tr.teacher
+    name = "fast"
+
+    def __init__(self, args, student, teacher, ibot_loss, device: torch.device,
+                 world_size: int = 1):
+        super().__init__(student, teacher, ibot_loss, args.global_crops_number)
+        self.device = device
+        self.head_tokens = args.head_tokens
+        self.packed = args.packed_crops
+        self.drop_path_mode = args.drop_path_mode
+        self.compile = args.compile
+        self.fused_head = args.fused_head_loss
+        self.sharded = args.fsdp
+        self.nl = args.local_crops_number
+        check_attn_backend(args.attn_backend, device, training=True)
         for m in (student, teacher):
-            m.backbone.set_attn_backend(attn)
-        self.ng, self.nl = args.global_crops_number, args.local_crops_number
-        self.fsdp = getattr(args, "fsdp", False)
+            m.backbone.set_attn_backend(args.attn_backend)
 
         # ---- flat EMA (re-homes the parameters into flat buffers; Parameter objects stay) ----
-        bf16_teacher = getattr(args, "ema_teacher_bf16", False)
-        if bf16_teacher and args.precision != "bf16":
-            raise ValueError("--ema_teacher_bf16 true keeps a bf16 teacher copy for a bf16 "
-                             "forward: it needs --precision bf16")
-        if self.fsdp:  # ibot_fast/fsdp.py: the EMA runs on the shards, FSDP owns their storage
+        if self.sharded:  # ibot_fast/fsdp.py: the EMA runs on the shards, FSDP owns their storage
             from ibot_fast.fsdp import check_fsdp
-            check_fsdp(tr.device)
-            if bf16_teacher:
-                raise ValueError("--ema_teacher_bf16 true is a flat-buffer (DDP) option; with "
-                                 "--fsdp true leave it false")
-            if getattr(args, "ema_backend", "auto") == "triton":
-                raise ValueError("--ema_backend triton updates one flat buffer; with --fsdp "
-                                 "true the EMA is a foreach lerp_ over the shards: use auto "
-                                 "or torch")
+            check_fsdp(device)
             self.ema = None  # built after sharding
         else:
-            self.ema = FlatEMA(student, teacher, backend=getattr(args, "ema_backend", "auto"),
-                               bf16_copy=bf16_teacher)
+            self.ema = FlatEMA(student, teacher, backend=args.ema_backend,
+                               bf16_copy=args.ema_teacher_bf16)
 
-        # ---- blocks, the student module (DDP-wrapped when distributed) ----
-        # compile_backend: not a flag (inductor); tests of the guards use "aot_eager"
-        cb = getattr(args, "compile_backend", "inductor")
-        self.s_blocks = _Blocks(student.backbone, attn, self.compile == "blocks", cb)
-        self.t_blocks = _Blocks(teacher.backbone, attn, self.compile == "blocks", cb)
+        # ---- blocks, the student module (DDP- or FSDP-wrapped when distributed) ----
+        cb = args.compile_backend
+        self.s_blocks = _Blocks(student.backbone, args.attn_backend, self.compile == "blocks", cb)
+        self.t_blocks = _Blocks(teacher.backbone, args.attn_backend, self.compile == "blocks", cb)
         self.fast_student = FastStudent(student, self.s_blocks, self.packed,
                                         self.drop_path_mode, self.fused_head)
-        self.student_fwd = self.fast_student
+        self.module = self.fast_student
         self.fsdp_teacher = None
-        if self.fsdp:
-            self._shard(tr, student, teacher)
-        elif tr.info.world_size > 1:
-            dev = tr.device
-            self.student_fwd = nn.parallel.DistributedDataParallel(
-                self.fast_student, device_ids=[dev.index] if dev.type == "cuda" else None)
-            tr.student = self.student_fwd  # the reference's DDP wrapper is not used any more
+        if self.sharded:
+            self._shard(device)
+        elif world_size > 1:
+            self.module = ddp(self.fast_student, device)
 
-        # ---- optimiser: fused AdamW (same state_dict format as the reference's) ----
-        if args.optimizer == "adamw":
-            tr.optimizer = torch.optim.AdamW(get_params_groups(student), fused=True)
-        elif self.fsdp:  # the parameters are new (DTensor) objects: rebuild over them
-            tr.optimizer = build_optimizer(args.optimizer, get_params_groups(student))
-        self.params = [p for p in student.parameters() if p.requires_grad]
-        self.last_layer_params = [p for n, p in student.named_parameters()
-                                  if "last_layer" in n and p.requires_grad]
+        # ---- optimiser: fused AdamW (same state_dict format as the reference's), over the
+        # final parameters (FSDP's DTensors when sharded) ----
+        groups = get_params_groups(student)
+        self.optimizer = (torch.optim.AdamW(groups, fused=True) if args.optimizer == "adamw"
+                          else build_optimizer(args.optimizer, groups))
+        self._collect_params()
         self._temps = (None, None)
         self._step_fn = None
         if self.compile == "step":
@@ -297,38 +260,46 @@ class FastStep:
             # EMA (one flat lerp_ / Triton kernel) are single fused kernels already and stay
             # outside: compiling them gains nothing and their per-step lr / momentum floats
             # would be recompiles.
-            self._step_fn = torch.compile(self.forward_loss, dynamic=False, backend=cb)
+            self._step_fn = torch.compile(self._forward_selected, dynamic=False, backend=cb)
         self._max_masked = MaskGenerator(args.pred_ratio, args.pred_ratio_var,
                                          pred_shape=args.pred_shape,
                                          pred_start_epoch=args.pred_start_epoch).max_masked
 
-    def _shard(self, tr, student, teacher):
+    def _shard(self, device):
         """--fsdp true: student and teacher sharded alike (ibot_fast/fsdp.py explains why)."""
         from ibot_fast.fsdp import FSDPTeacher, ShardedEMA, _mesh, shard_blocks_and_root
-        mesh = _mesh(tr.device)
+        mesh = _mesh(device)
         shard_blocks_and_root(self.fast_student, self.s_blocks.blocks, self.s_blocks.runners,
                               mesh)
-        self.fsdp_teacher = FSDPTeacher(teacher, self._teacher_forward)
+        self.fsdp_teacher = FSDPTeacher(self.teacher, self._teacher_forward)
         shard_blocks_and_root(self.fsdp_teacher, self.t_blocks.blocks, self.t_blocks.runners,
                               mesh)
         self.s_blocks.fsdp = self.t_blocks.fsdp = True
-        self.ema = ShardedEMA(student, teacher)
-        tr.ema = self.ema  # the reference EMA's lists held the unsharded parameters
-        tr.student = self.student_fwd  # the reference's DDP wrapper is not used any more
+        self.ema = ShardedEMA(self.student, self.teacher)
 
     # ---- checkpoints under FSDP: full state dicts in the DDP format (collectives) ----
-    def full_state(self) -> dict:
+    def network_state(self) -> dict:
+        if not self.sharded:
+            return super().network_state()
         from ibot_fast.fsdp import full_model_state_dict, full_optimizer_state_dict
-        return {"student": full_model_state_dict(self.tr.student_without_ddp),
-                "teacher": full_model_state_dict(self.tr.teacher),
-                "optimizer": full_optimizer_state_dict(self.tr.optimizer)}
+        return {"student": full_model_state_dict(self.student),
+                "teacher": full_model_state_dict(self.teacher),
+                "optimizer": full_optimizer_state_dict(self.optimizer)}
 
-    def load_full_state(self, state: dict) -> None:
+    def load_network_state(self, state: dict) -> None:
+        if not self.sharded:
+            return super().load_network_state(state)
         from ibot_fast.checkpoint import strip_prefix
         from ibot_fast.fsdp import load_full_model_state_dict, load_full_optimizer_state_dict
-        load_full_model_state_dict(self.tr.student_without_ddp, strip_prefix(state["student"]))
-        load_full_model_state_dict(self.tr.teacher, strip_prefix(state["teacher"]))
-        load_full_optimizer_state_dict(self.tr.optimizer, state["optimizer"])
+        load_full_model_state_dict(self.student, strip_prefix(state["student"]))
+        load_full_model_state_dict(self.teacher, strip_prefix(state["teacher"]))
+        load_full_optimizer_state_dict(self.optimizer, state["optimizer"])
+
+    def clip_gradients(self, clip: float):
+        if self.sharded:  # full-tensor norms of the sharded gradients (one all_reduce)
+            from ibot_fast.fsdp import clip_gradients_per_tensor_sharded
+            return clip_gradients_per_tensor_sharded(self.params, clip)
+        return super().clip_gradients(clip)
 
     # ------------------------------------------------------------------------------------------
     def _mask_batch(self, masks, B: int) -> MaskBatch:
@@ -350,7 +321,7 @@ class FastStep:
         ``--fused_head_loss`` the patch rows are ``(bottleneck rows [M, bd], W2 [K2, bd])``);
         all tokens: ``(cls, patch [ng·B, N, K2])`` as the reference's teacher output.
         """
-        teacher = self.tr.teacher
+        teacher = self.teacher
         if self.fsdp_teacher is not None:
             out = self.fsdp_teacher(globals_, idx_M)
             # the root group stays gathered after its forward (no backward to reshard it):
@@ -384,91 +355,53 @@ class FastStep:
         return cls, rows, mean
 
     # ------------------------------------------------------------------------------------------
-    def __call__(self, images, masks, epoch: int, it: int) -> dict:
-        tr, args, ng = self.tr, self.tr.args, self.ng
-        set_schedules(tr.optimizer, tr.lr_schedule[it], tr.wd_schedule[it])
-        images = [im.to(tr.device, tr.param_dtype, non_blocking=True) for im in images]
-        masks = (masks.to(tr.device, non_blocking=True) if hasattr(masks, "to")
-                 else [m.to(tr.device, non_blocking=True) for m in masks])
+    def forward_loss(self, images, masks, epoch):
+        ng = self.ng
         B = images[0].shape[0]
         mb = self._mask_batch(masks, B)
-        skip_mode = tr.on_nan == "skip"
-        if skip_mode:  # the loss updates the centres in its forward: keep them to undo a skip
-            centres = {k: v.clone() for k, v in tr.ibot_loss.state_dict().items()}
-
         globals_ = images[0] if ng == 1 else torch.cat(images[:ng])
         crops = [globals_]
         if len(images) > ng:
             crops.append(images[ng] if len(images) == ng + 1 else torch.cat(images[ng:]))
         group_masks = [mb.masks_CBHW.reshape(-1, *mb.masks_CBHW.shape[-2:])] + [None] * (
             len(crops) - 1)
-        selected = self.head_tokens == "selected"
-        with tr.autocast():
-            if selected:
-                N = mb.masks_CBHW.shape[-2] * mb.masks_CBHW.shape[-1]
-                # [CLS] rows of every crop group, then the masked patch rows of the globals
-                sel = torch.cat([self._cls_index(crops), patch_token_rows(mb.idx_M, N)])
-                if self.compile == "step":
-                    # drop-path draws and this epoch's temperatures enter as inputs: the
-                    # compiled graph holds no RNG and no per-epoch constant
-                    terms, t_cls, s_cls = self._step_fn(
-                        globals_, crops, group_masks, mb.idx_M, mb.weight_M, sel,
-                        self.fast_student.draws(crops), epoch, self._temperatures(epoch))
-                else:
-                    terms, t_cls, s_cls = self.forward_loss(
-                        globals_, crops, group_masks, mb.idx_M, mb.weight_M, sel, None, epoch)
-            else:
-                t_out = self.teacher_forward(globals_, None)
-                outs = self.student_fwd(crops, group_masks)
-                s_out = outs[0]
-                s_local = outs[1][0] if len(outs) > 1 else None
-                terms = tr.ibot_loss(s_out, t_out, s_local, masks, epoch)
-                t_cls, s_cls = t_out[0], s_out[0]
-        loss = terms["loss"]
+        if self.head_tokens == "all":  # the reference's head on every token, dense loss
+            t_out = self.teacher_forward(globals_, None)
+            outs = self.module(crops, group_masks)
+            s_out = outs[0]
+            s_local = outs[1][0] if len(outs) > 1 else None
+            terms = self.ibot_loss(s_out, t_out, s_local, masks, epoch)
+            return terms, t_out[0], s_out[0]
+        N = mb.masks_CBHW.shape[-2] * mb.masks_CBHW.shape[-1]
+        # [CLS] rows of every crop group, then the masked patch rows of the globals
+        sel = torch.cat([self._cls_index(crops), patch_token_rows(mb.idx_M, N)])
+        if self.compile == "step":
+            # drop-path draws and this epoch's temperatures enter as inputs: the compiled
+            # graph holds no RNG and no per-epoch constant
+            return self._step_fn(globals_, crops, group_masks, mb.idx_M, mb.weight_M, sel,
+                                 self.fast_student.draws(crops), epoch,
+                                 self._temperatures(epoch))
+        return self._forward_selected(globals_, crops, group_masks, mb.idx_M, mb.weight_M, sel,
+                                      None, epoch)
 
-        tr.optimizer.zero_grad(set_to_none=True)
-        if tr.scaler is None:
-            loss.backward()
-            norms = (self._clip(self.params, args.clip_grad) if args.clip_grad else None)
-            grads_ok = tr.nonfinite.grads_finite(self.params, norms)
-        else:
-            tr.scaler.scale(loss).backward()
-            if args.clip_grad:
-                tr.scaler.unscale_(tr.optimizer)
-                self._clip(self.params, args.clip_grad)
-            grads_ok = None
-        bad = tr.nonfinite.record(it, terms, grads_ok)
-        if skip_mode:
-            where = tr.nonfinite.global_bad_ranks(bad)
-            if where:
-                return tr._skip_step(epoch, it, terms, where, centres)
-        if epoch < args.freeze_last_layer:  # the reference's cancel_gradients_last_layer
-            for p in self.last_layer_params:
-                p.grad = None
-        tr.optimizer_step()
-        self.ema(float(tr.momentum_schedule[it]))
-        acc = (t_cls[:B].argmax(-1) == s_cls[B:2 * B].argmax(-1))
-        return {"loss": loss.detach(), "cls": terms["cls"].detach(),
-                "patch": terms["patch"].detach(), "acc": acc.float().mean(), "skipped": False}
-
-    def forward_loss(self, globals_, crops, group_masks, idx_M, weight_M, sel, draws, epoch,
-                     temperatures=None):
+    def _forward_selected(self, globals_, crops, group_masks, idx_M, weight_M, sel, draws,
+                          epoch, temperatures=None):
         """Teacher forward, student forward and loss of the selected-head step: the function
         ``--compile step`` compiles whole (static shapes). Returns ``(terms, teacher [CLS]
         logits, student global [CLS] logits)``."""
-        tr, ng = self.tr, self.ng
+        ng = self.ng
         B = globals_.shape[0] // ng
         t_cls, t_rows, t_mean = self.teacher_forward(globals_, idx_M)
         n_cls = sum(c.shape[0] for c in crops)
-        s_cls_all, *s_rows = self.student_fwd(crops, group_masks, sel, n_cls, draws)
+        s_cls_all, *s_rows = self.module(crops, group_masks, sel, n_cls, draws)
         s_cls, s_local = s_cls_all[:ng * B], s_cls_all[ng * B:]
         s_local = s_local if self.nl > 0 else None
         if self.fused_head:  # patch logits never materialised: (z, W) on both sides
-            terms = tr.ibot_loss.forward_selected_linear(
+            terms = self.ibot_loss.forward_selected_linear(
                 s_cls, t_cls, s_local, *s_rows, *t_rows, weight_M, t_mean, epoch,
                 temperatures=temperatures)
         else:
-            terms = tr.ibot_loss.forward_selected(
+            terms = self.ibot_loss.forward_selected(
                 s_cls, t_cls, s_local, s_rows[0], t_rows, weight_M, t_mean, epoch,
                 temperatures=temperatures)
         return terms, t_cls, s_cls
@@ -477,46 +410,18 @@ class FastStep:
         """This epoch's teacher temperatures as 0-dim device tensors (made once per epoch: a
         host-to-device copy per step would wait for the GPU)."""
         if self._temps[0] != epoch:
-            tau, tau2 = self.tr.ibot_loss.temperatures(epoch)
-            dev = self.tr.device
+            tau, tau2 = self.ibot_loss.temperatures(epoch)
+            dev = self.device
             self._temps = (epoch, (torch.tensor(tau, dtype=torch.float64, device=dev),
                                    torch.tensor(tau2, dtype=torch.float64, device=dev)))
         return self._temps[1]
 
-    def _clip(self, params, clip):
-        if self.fsdp:  # full-tensor norms of the sharded gradients (one all_reduce)
-            from ibot_fast.fsdp import clip_gradients_per_tensor_sharded
-            return clip_gradients_per_tensor_sharded(params, clip)
-        return clip_gradients_per_tensor(params, clip)
-
     def _cls_index(self, crops):
         """Rows of the [CLS] tokens in the student's token stream (globals, then locals)."""
-        bb = self.tr.student_without_ddp.backbone
-        p = bb.patch_size
+        p = self.student.backbone.patch_size
         layout = tuple((c.shape[0], 1 + (c.shape[-2] // p) * (c.shape[-1] // p)) for c in crops)
         return cls_rows(layout, crops[0].device)
 
 
-def setup_fast_step(trainer):
-    """Called at the end of ``Trainer.__init__``: applies ``--attn_backend`` to both paths and
-    returns the :class:`FastStep` when ``--fast_step true``, else None."""
-    args = trainer.args
-    if getattr(args, "fast_step", False):
-        return FastStep(trainer)
-    attn = getattr(args, "attn_backend", "sdpa")
-    fast_only = {"compile": False, "drop_path_mode": "sample", "head_tokens": "selected",
-                 "packed_crops": True, "ema_teacher_bf16": False, "fsdp": False,
-                 "fused_head_loss": False}
-    for name, default in fast_only.items():
-        if getattr(args, name, default) != default:
-            raise ValueError(f"--{name} {getattr(args, name)} is an option of the fast step; "
-                             f"add --fast_step true (or leave --{name} at its default)")
-    if attn != "sdpa":
-        check_attn_backend(attn, trainer.device, training=True)
-        for m in (trainer.student_without_ddp, trainer.teacher):
-            m.backbone.set_attn_backend(attn)
-    return None
-
-
-__all__ = ["FastStep", "FastStudent", "DROP_PATH_MODES", "HEAD_TOKENS", "patch_token_rows",
-           "setup_fast_step"]
+__all__ = ["COMPILE_MODES", "DROP_PATH_MODES", "FastPath", "FastStudent", "HEAD_TOKENS",
+           "patch_token_rows"]

@@ -296,8 +296,7 @@ class ReferenceTrainStep:
             raise ValueError(f"iters_per_epoch must be >= 1, got {iters_per_epoch}")
         self.ref, self.args = ref, args
         self.device = torch.device(device)
-        precision = getattr(args, "precision", None) or ("fp16" if args.use_fp16 else "fp32")
-        self.precision = precision
+        precision = self.precision = args.precision
         self.dtype = torch.float64 if precision == "fp64" else torch.float32
         u = ref.utils
 
@@ -309,8 +308,8 @@ class ReferenceTrainStep:
                                      return_all_tokens=True)
         embed_dim = student.embed_dim
         head_kw = dict(hidden_dim=args.head_hidden_dim, bottleneck_dim=args.head_bottleneck_dim,
-                       norm=getattr(args, "norm_in_head", None),
-                       act=getattr(args, "act_in_head", "gelu"))
+                       # ibot_fast's head: the reference's defaults (no norm, GELU)
+                       norm=None, act="gelu")
         with _quiet_weight_norm():
             s_head = ref.iBOTHead(embed_dim, args.out_dim, patch_out_dim=args.patch_out_dim,
                                   norm_last_layer=args.norm_last_layer,

@@ -1,22 +1,23 @@
 """iBOT pre-training: ``torchrun [--nproc_per_node G] -m ibot_fast.train [flags]``.
 
-One file a newcomer can read top to bottom: build data, models, loss and optimiser from the
-flags (``ibot_fast/config.py``), then for every step
+One file a newcomer can read top to bottom: build data, models, loss and the step path from the
+flags (``ibot_fast/config.py``), then for every step (``Trainer.train_step``, the one skeleton
+of both step paths)
 
 1. set lr / weight decay from the schedules,
-2. teacher (EMA, no grad) on the unmasked global crops; student on the masked global crops and,
-   in a second pass, the local crops,
-3. ``IBOTLoss`` ([CLS] across views + masked patch tokens within a view; updates the centres),
-4. backward, per-tensor clipping, last layer frozen in the first epoch(s), optimiser step,
-5. EMA of the teacher,
+2. the step path's forward and loss (``ibot_fast/step.py``): teacher (EMA, no grad) on the
+   unmasked global crops, student on the masked global crops and the local crops, the iBOT
+   loss ([CLS] across views + masked patch tokens within a view; updates the centres),
+3. backward, per-tensor clipping, last layer frozen in the first epoch(s), optimiser step,
+4. EMA of the teacher,
 
 with logging every ``--log_freq`` steps (the only place a step waits for the device), an atomic
 checkpoint every epoch, resume from the output directory, a loss curve and an optional k-NN
 evaluation at the end. Faults (ibot_fast/reliability.py): SIGTERM/SIGUSR1 write a mid-epoch
 checkpoint and exit 75; a non-finite step stops the run (exit 3) or is skipped (``--on_nan``);
 a corrupt newest checkpoint falls back to the previous one.
-This is the reference path (plain PyTorch, reference semantics,
-reference-semantics.md §7); fast paths plug in behind flags.
+``--step fast`` (default, ``ibot_fast/fast_step.py``) and ``--step reference`` (the reference's
+computation order) give the same numbers; the tests compare them.
 """
 from __future__ import annotations
 
@@ -33,21 +34,19 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ibot_fast import checkpoint as ckpt
 from ibot_fast.config import parse_args
 from ibot_fast.dist import DistInfo, cleanup, init_distributed, is_distributed
-from ibot_fast.ema import EMATeacherUpdate
 from ibot_fast.loss import IBOTLoss
 from ibot_fast.masking import MaskGenerator
 from ibot_fast.models import build_ibot_models
-from ibot_fast.optim import (build_optimizer, cancel_gradients_last_layer,
-                             clip_gradients_per_tensor, get_params_groups, set_schedules)
+from ibot_fast.optim import set_schedules
 from ibot_fast.reliability import (EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteMonitor,
                                    PreemptionHandler, TrainingStopped, gather_objects,
                                    rng_state, set_rng_state)
 from ibot_fast.schedules import cosine_scheduler
+from ibot_fast.step import build_step_path
 
 
 def log(msg: str, info: DistInfo | None = None):
@@ -86,7 +85,7 @@ def resolve_data(args, info: DistInfo):
                   # whatever the number of workers or ranks, and replayed exactly on resume
                   seed=args.seed,
                   # python | cpp | cuda: the collate returns a MaskBatch (ibot_fast.masking)
-                  mask_backend=getattr(args, "mask_backend", None))
+                  mask_backend=args.mask_backend)
     path = args.data_path
     knn_train, knn_val = args.knn_train_path, args.knn_val_path
     if path == "mnist_5k":
@@ -115,6 +114,7 @@ class Trainer:
         self.args = args
         self.info = info or DistInfo()
         self.device = self.info.device
+        torch.set_num_threads(args.threads)  # --threads (config: cores shared between ranks)
         seed_everything(args.seed)  # same initial weights on every rank, as the reference
         if args.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -127,7 +127,7 @@ class Trainer:
         from ibot_fast.data import build_pretrain_loader
         from ibot_fast.data.dali import build_dali_pretrain_loader, resolve_data_backend
         self.dataset = dataset
-        backend = getattr(args, "data_backend", "torch")
+        backend = args.data_backend
         if backend == "auto" and str(getattr(dataset, "root", "")).startswith("synthetic"):
             backend = "torch"  # generated images: no files for DALI to decode
         self.data_backend = resolve_data_backend(backend, self.device.type)
@@ -147,8 +147,8 @@ class Trainer:
         if args.max_steps_per_epoch:
             self.iters_per_epoch = min(self.iters_per_epoch, args.max_steps_per_epoch)
 
-        # ---- models ----
-        self.student, self.teacher = build_ibot_models(
+        # ---- models, loss ----
+        student, self.teacher = build_ibot_models(
             args.arch, args.patch_size, img_size=args.global_crops_size, out_dim=args.out_dim,
             patch_out_dim=args.patch_out_dim, shared_head=args.shared_head,
             shared_head_teacher=args.shared_head_teacher, norm_last_layer=args.norm_last_layer,
@@ -157,27 +157,24 @@ class Trainer:
         # fp64 is for verification (e.g. DDP vs one process): Adam turns last-bit gradient noise
         # into visible updates, so fp32 runs of different reduction orders drift apart slowly.
         self.param_dtype = torch.float64 if args.precision == "fp64" else torch.float32
-        self.student.to(self.device, self.param_dtype)
+        # the student network itself (never a DDP/FSDP wrapper: that is self.path.module);
+        # student_without_ddp is the same object under the reference's name
+        self.student = self.student_without_ddp = student.to(self.device, self.param_dtype)
         self.teacher.to(self.device, self.param_dtype)
-        self.student_without_ddp = self.student
-        # --fast_step wraps its own student module (DDP or FSDP2): building the reference's DDP
-        # wrapper first would broadcast and allocate gradient buckets for nothing.
-        if self.info.world_size > 1 and not getattr(args, "fast_step", False):
-            self.student = nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[self.device.index] if self.device.type == "cuda"
-                else None)
-        self.ema = EMATeacherUpdate(self.student_without_ddp, self.teacher)
-
-        # ---- loss, optimiser, schedules ----
         self.ibot_loss = IBOTLoss(
             args.out_dim, args.patch_out_dim, args.global_crops_number, args.local_crops_number,
             args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_patch_temp,
             args.teacher_patch_temp, args.warmup_teacher_temp_epochs, args.epochs,
-            lambda1=args.lambda1, lambda2=args.lambda2,
-            mim_start_epoch=args.pred_start_epoch).to(self.device, self.param_dtype)
-        self.optimizer = build_optimizer(args.optimizer,
-                                         get_params_groups(self.student_without_ddp))
+            lambda1=args.lambda1, lambda2=args.lambda2, mim_start_epoch=args.pred_start_epoch,
+            backend=args.loss_backend).to(self.device, self.param_dtype)
+
+        # ---- the step path (--step): student module (DDP / FSDP), optimiser, EMA, built once ----
+        self.path = build_step_path(args, self.student, self.teacher, self.ibot_loss,
+                                    self.device, self.info.world_size)
+        self.optimizer, self.ema = self.path.optimizer, self.path.ema
         self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
+
+        # ---- schedules ----
         global_batch = args.batch_size_per_gpu * self.info.world_size
         n = self.iters_per_epoch
         self.lr_schedule = cosine_scheduler(args.lr * global_batch / 256.0, args.min_lr,
@@ -188,20 +185,16 @@ class Trainer:
         self.start_epoch = 0
 
         # ---- faults (reliability.py) ----
-        self.on_nan = getattr(args, "on_nan", "stop")
+        self.on_nan = args.on_nan
         self.nonfinite = NonFiniteMonitor(self.device, self.info.rank, self.info.world_size)
         self.preemption = PreemptionHandler()
         self.skipped = 0  # steps skipped by --on_nan skip in the current epoch
         self._resume_pos: dict | None = None  # mid-epoch position of the loaded checkpoint
 
-        # ---- --fast_step (ibot_fast/fast_step.py): None keeps this file's reference step ----
-        from ibot_fast.fast_step import setup_fast_step
-        self.fast_step = setup_fast_step(self)  # also applies --attn_backend to both paths
-
     @property
     def _fsdp(self) -> bool:
-        """--fsdp true (fast step): parameters are shards; checkpoints go through fsdp.py."""
-        return getattr(self.fast_step, "fsdp", False)
+        """--fsdp true: parameters are shards; checkpoints are collectives (fsdp.py)."""
+        return self.path.sharded
 
     # ------------------------------------------------------------------------------------------
     def autocast(self):
@@ -211,10 +204,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def train_step(self, images, masks, epoch: int, it: int) -> dict:
-        """One iteration; returns device tensors (no host sync here)."""
-        if self.fast_step is not None:  # --fast_step true: same numbers, less work
-            return self.fast_step(images, masks, epoch, it)
-        args, ng = self.args, self.args.global_crops_number
+        """One iteration of either step path; returns device tensors (no host sync here)."""
+        args = self.args
         set_schedules(self.optimizer, self.lr_schedule[it], self.wd_schedule[it])
         images = [im.to(self.device, self.param_dtype, non_blocking=True) for im in images]
         # MaskBatch / MaskRequest (--mask_backend) move as one; MaskRequest is generated on the GPU
@@ -225,26 +216,20 @@ class Trainer:
             centres = {k: v.clone() for k, v in self.ibot_loss.state_dict().items()}
 
         with self.autocast():
-            with torch.no_grad():  # the reference builds no graph here either
-                teacher_output = self.teacher(images[:ng])
-            student_output = self.student(images[:ng], mask=masks[:ng])
-            student_local_cls = self.student(images[ng:])[0] if len(images) > ng else None
-            terms = self.ibot_loss(student_output, teacher_output, student_local_cls, masks,
-                                   epoch)
+            terms, teacher_cls, student_cls = self.path.forward_loss(images, masks, epoch)
         loss = terms["loss"]
 
         self.optimizer.zero_grad(set_to_none=True)
-        params = self.student_without_ddp.parameters
+        params = self.path.params
         if self.scaler is None:
             loss.backward()
-            norms = (clip_gradients_per_tensor(list(params()), args.clip_grad)
-                     if args.clip_grad else None)
-            grads_ok = self.nonfinite.grads_finite(params(), norms)
+            norms = self.path.clip_gradients(args.clip_grad) if args.clip_grad else None
+            grads_ok = self.nonfinite.grads_finite(params, norms)
         else:
             self.scaler.scale(loss).backward()
             if args.clip_grad:
                 self.scaler.unscale_(self.optimizer)
-                clip_gradients_per_tensor(list(params()), args.clip_grad)
+                self.path.clip_gradients(args.clip_grad)
             grads_ok = None  # GradScaler skips inf/nan-gradient steps itself (and backs off)
         # Non-finite check on the device, read at the next sync point (--on_nan stop) ...
         bad = self.nonfinite.record(it, terms, grads_ok)
@@ -252,18 +237,20 @@ class Trainer:
             where = self.nonfinite.global_bad_ranks(bad)
             if where:
                 return self._skip_step(epoch, it, terms, where, centres)
-        cancel_gradients_last_layer(epoch, self.student_without_ddp, args.freeze_last_layer)
+        if epoch < args.freeze_last_layer:  # the reference's cancel_gradients_last_layer
+            for p in self.path.last_layer_params:
+                p.grad = None
         self.optimizer_step()
 
         self.ema(float(self.momentum_schedule[it]))
         # Logging statistic of the reference: teacher crop-0 vs student crop-1 [CLS] argmax.
         b = images[0].shape[0]
-        acc = (teacher_output[0][:b].argmax(-1) == student_output[0][b:2 * b].argmax(-1))
+        acc = (teacher_cls[:b].argmax(-1) == student_cls[b:2 * b].argmax(-1))
         return {"loss": loss.detach(), "cls": terms["cls"].detach(),
                 "patch": terms["patch"].detach(), "acc": acc.float().mean(), "skipped": False}
 
     def optimizer_step(self) -> None:
-        """The optimiser step of both step paths (through the GradScaler with fp16)."""
+        """The optimiser step (through the GradScaler with fp16)."""
         if self.scaler is None:
             self.optimizer.step()
         else:
@@ -290,10 +277,7 @@ class Trainer:
     def state_dict(self, epoch: int, position: dict | None = None) -> dict:
         """``position``: where a mid-epoch (preemption) checkpoint stopped; None at epoch end.
         Under ``--fsdp`` a collective (every rank calls it; full tensors on rank 0)."""
-        nets = (self.fast_step.full_state() if self._fsdp else
-                {"student": self.student_without_ddp.state_dict(),
-                 "teacher": self.teacher.state_dict(),
-                 "optimizer": self.optimizer.state_dict()})
+        nets = self.path.network_state()
         return {
             "position": position,
             **nets,
@@ -315,7 +299,7 @@ class Trainer:
             ckpt.atomic_save(state, path)
             return
         ckpt.save_rotating(state, os.path.join(out, "checkpoint.pth"),
-                           keep=getattr(self.args, "keep_checkpoints", 1))
+                           keep=self.args.keep_checkpoints)
         freq = self.args.saveckp_freq
         if position is None and freq and epoch % freq == 0:
             ckpt.atomic_save(state, os.path.join(out, f"checkpoint{epoch:04}.pth"))
@@ -331,12 +315,7 @@ class Trainer:
                                          log=lambda m: log(m, self.info),
                                          run_args=ckpt.args_to_dict(self.args),
                                          convert=to_ibot_fast)  # verified after conversion
-        if self._fsdp:  # full (DDP-format) state, split into this rank's shards
-            self.fast_step.load_full_state(state)
-        else:
-            self.student_without_ddp.load_state_dict(ckpt.strip_prefix(state["student"]))
-            self.teacher.load_state_dict(ckpt.strip_prefix(state["teacher"]))
-            self.optimizer.load_state_dict(state["optimizer"])
+        self.path.load_network_state(state)  # --fsdp: split into this rank's shards
         self.ibot_loss.load_state_dict(state["ibot_loss"])
         if self.scaler is not None and state.get("fp16_scaler"):
             self.scaler.load_state_dict(state["fp16_scaler"])
@@ -392,7 +371,7 @@ class Trainer:
             self.load(ckpt.find_resume_path(args.output_dir, args.load_from, args.resume))
         elif args.resume:
             candidates = ckpt.resume_candidates(args.output_dir,
-                                                getattr(args, "keep_checkpoints", 1))
+                                                args.keep_checkpoints)
             if candidates:
                 self.load(candidates)
         if info.is_main:
@@ -456,7 +435,7 @@ class Trainer:
     def _stop_nonfinite(self, bad: dict, epoch: int):
         msg = self.nonfinite.describe(bad, epoch, self.iters_per_epoch)
         newest = ckpt.resume_candidates(self.args.output_dir,
-                                        getattr(self.args, "keep_checkpoints", 1))
+                                        self.args.keep_checkpoints)
         kept = (f"The newest checkpoint, {newest[0]}, is finite and untouched. " if newest
                 else "No checkpoint was written yet. ")
         msg = (f"{msg}. Training stopped (--on_nan stop); this state was not saved. {kept}"

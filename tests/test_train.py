@@ -54,13 +54,15 @@ def test_cli_requires_data_path(capsys):
     assert "--data_path is required" in capsys.readouterr().err
 
 
-def test_presets_and_overrides():
-    a = parse_args(["--preset", "vit_small_recipe", "--data_path", "x", "--epochs", "3",
+def test_presets_and_overrides(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine
+    a = parse_args(["--preset", "vit_small_recipe", "--data_path", "synthetic:64", "--epochs", "3",
                     "--warmup_teacher_temp_epochs", "1", "--warmup_epochs", "1"])
     assert (a.arch, a.patch_size, a.epochs, a.local_crops_number) == ("vit_small", 16, 3, 10)
     assert a.shared_head and not a.norm_last_layer and a.pred_ratio == [0.0, 0.3]
     assert a.patch_out_dim == a.out_dim == 8192  # follows out_dim when a head is shared
-    assert a.precision == "fp16" and a.use_fp16  # the reference default
+    assert a.precision == "fp32" and not a.use_fp16  # precision follows the device
+    assert a.step == "fast" and a.fast_step  # the default step
     d = parse_args(["--preset", "demo"])
     assert d.data_path == "mnist_5k" and d.precision == "fp32" and not d.use_fp16
 
@@ -69,16 +71,18 @@ def test_presets_and_overrides():
     (lambda p: str(p / "missing"), "does not exist"),
     (lambda p: (p / "empty").mkdir() or str(p / "empty"), "empty"),
 ])
-def test_bad_data_folder_fails_with_message(tmp_path, make_root, needle):
+def test_bad_data_folder_fails_with_message(tmp_path, make_root, needle, capsys):
     root = make_root(tmp_path)
-    with pytest.raises((FileNotFoundError, ValueError)) as exc:
+    with pytest.raises(SystemExit) as exc:
         main(TINY + ["--data_path", root, "--output_dir", str(tmp_path / "out")])
-    assert root in str(exc.value) and needle in str(exc.value).lower()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2  # a usage error, before any work
+    assert root in err and needle in err.lower()
 
 
 # ------------------------------------------------------------------- one step, by hand
 def _reference_step(student, teacher, loss_fn, opt_state, images, masks, epoch, lr, wd, m, args):
-    """§7.2 written out: forward, loss (updates centres), backward, per-tensor clip with a norm
+    """The reference's step written out: forward, loss (updates centres), backward, per-tensor clip with a norm
     per tensor, last layer cancelled while frozen, AdamW by hand, EMA by a Python loop."""
     ng = args.global_crops_number
     with torch.no_grad():
@@ -120,9 +124,11 @@ def _reference_step(student, teacher, loss_fn, opt_state, images, masks, epoch, 
     return loss.detach()
 
 
+@pytest.mark.parametrize("step", ["fast", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_train_step_equals_hand_written_reference_step(tmp_path, dtype):
-    """Three steps (one in the frozen first epoch, lr > 0) of Trainer.train_step against §7.2
+def test_train_step_equals_hand_written_reference_step(tmp_path, dtype, step):
+    """Three steps (one in the frozen first epoch, lr > 0) of Trainer.train_step, on both step
+    paths (--step fast, the default, and --step reference), against the reference's step
     written out by hand. In fp64 everything must agree to ~1e-9. In fp32 the losses and centres
     agree to 1e-5, but parameters only to a fraction of one lr step: Adam divides by the
     gradient's own running norm, so gradients that are pure rounding noise (the key bias of
@@ -130,8 +136,9 @@ def test_train_step_equals_hand_written_reference_step(tmp_path, dtype):
     clipping implementations into updates of up to ~1% of lr."""
     precision = "fp64" if dtype == torch.float64 else "fp32"
     args = tiny_args(tmp_path, "--freeze_last_layer", "1", "--clip_grad", "0.05",
-                     "--epochs", "3", "--precision", precision)
+                     "--epochs", "3", "--precision", precision, "--step", step)
     tr = Trainer(args)
+    assert tr.path.name == step
     student, teacher = copy.deepcopy(tr.student), copy.deepcopy(tr.teacher)
     loss_fn = copy.deepcopy(tr.ibot_loss)
     opt_state: dict = {}
@@ -220,6 +227,7 @@ def test_resume_equals_straight_run(tmp_path, workers):
 
 # --------------------------------------------------------------------------- DDP
 def _torchrun(nproc, out, batch, tmp_path, *extra, config=TINY):
+    """``torchrun -m ibot_fast.train`` on ``config`` for two fp64 epochs without drop path."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node", str(nproc), "-m", "ibot_fast.train", *config,
            "--data_path", "synthetic:16", "--output_dir", str(out), "--epochs", "2",
@@ -233,13 +241,13 @@ def _torchrun(nproc, out, batch, tmp_path, *extra, config=TINY):
 
 @pytest.mark.slow
 def test_two_process_gloo_equals_one_process(tmp_path):
-    """Same global batch (2x2 vs 1x4): same epoch losses, same weights, same centres.
+    """The reference step (the fast step under DDP: tests/test_fast_step.py). Same global batch (2x2 vs 1x4): same epoch losses, same weights, same centres.
     Crops and masks are a function of (seed, epoch, image index), so the ranks see the very
     images the single process sees; drop path is off (its draws are per process). In fp64:
     in fp32 the different gradient reduction order is last-bit noise that Adam amplifies on
     the attention key bias (its true gradient is exactly zero), see the train-step test."""
-    _torchrun(2, tmp_path / "two", 2, tmp_path)
-    _torchrun(1, tmp_path / "one", 4, tmp_path)
+    _torchrun(2, tmp_path / "two", 2, tmp_path, "--step", "reference")
+    _torchrun(1, tmp_path / "one", 4, tmp_path, "--step", "reference")
     la, lb = _read(tmp_path / "two" / "log.txt"), _read(tmp_path / "one" / "log.txt")
     for ra, rb in zip(la, lb):
         for key in ("train_loss", "train_cls", "train_patch"):
@@ -280,14 +288,16 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     good = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     args = tiny_args(tmp_path, "--epochs", "3")
     tr = Trainer(args)
-    real = tr.ibot_loss.forward
+    # the default (fast) step calls forward_selected, the reference step forward
+    for name in ("forward", "forward_selected"):
+        real = getattr(tr.ibot_loss, name)
 
-    def poisoned(*a, **k):
-        out = real(*a, **k)
-        out["loss"] = out["loss"] * float("nan")
-        return out
+        def poisoned(*a, _real=real, **k):
+            out = _real(*a, **k)
+            out["loss"] = out["loss"] * float("nan")
+            return out
 
-    monkeypatch.setattr(tr.ibot_loss, "forward", poisoned)
+        monkeypatch.setattr(tr.ibot_loss, name, poisoned)
     with pytest.raises(SystemExit) as exc:
         tr.train()
     assert "loss is nan" in str(exc.value) and "checkpoint.pth" in str(exc.value)

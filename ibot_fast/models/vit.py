@@ -30,7 +30,7 @@ import torch.nn.functional as F
 # Attention back ends a block can use. "sdpa" is the fast path; "math" is the explicit
 # softmax(q kᵀ · scale) v reference that every other back end is tested against; xformers, flex
 # and varlen (CUDA) are in models/packed.py, where check_attn_backend says what each needs.
-ATTN_BACKENDS = ("sdpa", "math", "xformers", "flex", "varlen")
+from ibot_fast.models.packed import ALL_ATTN_BACKENDS as ATTN_BACKENDS
 
 
 def trunc_normal_(tensor, std=0.02, a=-2.0, b=2.0):
