@@ -1,5 +1,5 @@
-"""The fast step (``--fast_step true``, ibot_fast/fast_step.py) against the reference step
-(``Trainer.train_step`` with ``--fast_step false``), flag by flag; the pieces it is made of
+"""The fast step (``--step fast``, the default; ibot_fast/fast_step.py) against the reference
+step (``--step reference``), flag by flag; the pieces it is made of
 (packed blocks, attention back ends, stochastic depth, the flat EMA and its Triton kernel);
 torch.compile without recompiles."""
 from __future__ import annotations
@@ -60,8 +60,9 @@ _REFERENCE_RUNS: dict = {}  # the reference trajectory of a configuration, compu
 def _reference_run(tmp_path, precision, ref_extra, steps, dtype):
     key = (precision, tuple(ref_extra), steps)
     if key not in _REFERENCE_RUNS:
-        ref = Trainer(_args(tmp_path / "ref", "--precision", precision, *ref_extra))
-        assert ref.fast_step is None
+        ref = Trainer(_args(tmp_path / "ref", "--precision", precision, "--step", "reference",
+                            *ref_extra))
+        assert ref.path.name == "reference"
         loader = iter(ref.loader)
         batches = [next(loader) for _ in range(2)]
         assert all(isinstance(b[2], MaskBatch) for b in batches)
@@ -96,9 +97,8 @@ def _assert_same_runs(ta, ra, tb, rb, precision):
 def _compare(tmp_path, extra, ref_extra=(), precision="fp64", steps=3):
     dtype = torch.float64 if precision == "fp64" else torch.float32
     ref, batches, r = _reference_run(tmp_path, precision, ref_extra, steps, dtype)
-    fast = Trainer(_args(tmp_path / "fast", "--precision", precision, "--fast_step", "true",
-                         *ref_extra, *extra))
-    assert fast.fast_step is not None
+    fast = Trainer(_args(tmp_path / "fast", "--precision", precision, *ref_extra, *extra))
+    assert fast.path.name == "fast"  # the default
     f = _run(fast, batches, dtype, steps)
     _assert_same_runs(ref, r, fast, f, precision)
     # the frozen epoch left the last layer untouched and without optimiser state
@@ -147,7 +147,7 @@ def test_fast_step_head_and_mask_variants(tmp_path, extra):
 def test_fast_step_plain_mask_list(tmp_path):
     """A loader without --mask_backend hands over a list of masks; the fast step builds the
     selection itself."""
-    ref = Trainer(_args(tmp_path / "r", "--precision", "fp64"))
+    ref = Trainer(_args(tmp_path / "r", "--precision", "fp64", "--step", "reference"))
     fast = Trainer(_args(tmp_path / "f", "--precision", "fp64", "--fast_step", "true"))
     images, _, masks = next(iter(ref.loader))
     images = [im.double() for im in images]
@@ -167,18 +167,21 @@ def test_patch_token_rows_by_hand():
 
 # ---------------------------------------------------------------- bad flags fail clearly
 @pytest.mark.parametrize("extra, needle", [
-    (["--compile", "true"], "--fast_step true"),
-    (["--drop_path_mode", "subset"], "--fast_step true"),
+    (["--step", "reference", "--compile", "true"], "--step reference"),
+    (["--fast_step", "false", "--drop_path_mode", "subset"], "--step reference"),
     (["--fast_step", "true", "--ema_teacher_bf16", "true"], "--precision bf16"),
     (["--fast_step", "true", "--attn_backend", "xformers"], "xformers"),
     (["--fast_step", "true", "--attn_backend", "varlen"], "CUDA"),
     (["--fast_step", "true", "--attn_backend", "flex"], "flex"),
 ])
-def test_fast_flags_fail_with_message(tmp_path, extra, needle):
+def test_fast_flags_fail_with_message(tmp_path, extra, needle, capsys):
+    """Usage errors (exit 2) from the flag validation, before any work."""
     if torch.cuda.is_available() and "--attn_backend" in extra:
         pytest.skip("the attention back ends may be available on this machine")
-    with pytest.raises(ValueError, match=needle.replace("-", r"\-")):
-        Trainer(_args(tmp_path, "--precision", "fp32", *extra))
+    with pytest.raises(SystemExit) as exc:
+        _args(tmp_path, "--precision", "fp32", *extra)
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
 
 
 def test_bf16_teacher_copy_follows_the_ema(tmp_path):
@@ -188,7 +191,7 @@ def test_bf16_teacher_copy_follows_the_ema(tmp_path):
     images, _, masks = next(iter(tr.loader))
     out = tr.train_step(images, masks, 1, tr.iters_per_epoch)
     assert torch.isfinite(out["loss"])
-    ema = tr.fast_step.ema
+    ema = tr.path.ema
     assert torch.equal(ema.teacher_bf16_flat, ema.teacher_flat.to(torch.bfloat16))
     for name, p in ema.bf16_parameters().items():
         assert torch.equal(p, dict(tr.teacher.named_parameters())[name].to(torch.bfloat16))
@@ -417,7 +420,7 @@ def test_fast_step_two_process_gloo_equals_reference_one_process(tmp_path):
     """The fast step under DDP (2 gloo processes x 2 images: its own DDP wrapper around the
     fast student forward) against the reference step in one process with 4 images."""
     _torchrun(2, tmp_path / "two", 2, tmp_path, "--fast_step", "true")
-    _torchrun(1, tmp_path / "one", 4, tmp_path)
+    _torchrun(1, tmp_path / "one", 4, tmp_path, "--step", "reference")
     assert_same_weights(tmp_path / "two" / "checkpoint.pth", tmp_path / "one" / "checkpoint.pth")
 
 
@@ -453,13 +456,13 @@ def test_fsdp_two_process_gloo_equals_reference_and_checkpoints_interchange(tmp_
     equals the reference's third epoch (the sharded load path and the saved optimiser state)."""
     two, one = tmp_path / "two", tmp_path / "one"
     _torchrun(2, two, 2, tmp_path, "--fast_step", "true", "--fsdp", "true")
-    _torchrun(1, one, 4, tmp_path)
+    _torchrun(1, one, 4, tmp_path, "--step", "reference")
     sa, sb = _checkpoint(two / "checkpoint.pth"), _checkpoint(one / "checkpoint.pth")
     _assert_same_checkpoint(sa, sb)
 
     # (a) a checkpoint written under FSDP loads in a non-FSDP (here: reference) run
     tr = Trainer(_args(tmp_path / "load", "--precision", "fp64", "--drop_path", "0",
-                       "--epochs", "3"))
+                       "--epochs", "3", "--step", "reference"))
     tr.load(str(two / "checkpoint.pth"))
     assert tr.start_epoch == 2
     for n, p in tr.student_without_ddp.named_parameters():
@@ -469,7 +472,7 @@ def test_fsdp_two_process_gloo_equals_reference_and_checkpoints_interchange(tmp_
 
     # (b) FSDP resumes its own checkpoint (sharded load) and stays on the reference
     _torchrun(2, two, 2, tmp_path, "--fast_step", "true", "--fsdp", "true", "--epochs", "3")
-    _torchrun(1, one, 4, tmp_path, "--epochs", "3")
+    _torchrun(1, one, 4, tmp_path, "--epochs", "3", "--step", "reference")
     sa, sb = _checkpoint(two / "checkpoint.pth"), _checkpoint(one / "checkpoint.pth")
     assert sa["epoch"] == sb["epoch"] == 3
     _assert_same_checkpoint(sa, sb)
@@ -482,7 +485,7 @@ def test_fsdp_with_compiled_blocks_two_process_gloo_equals_reference(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     _torchrun(2, two, 2, tmp_path, "--fast_step", "true", "--fsdp", "true",
               "--compile", "blocks")
-    _torchrun(1, one, 4, tmp_path)
+    _torchrun(1, one, 4, tmp_path, "--step", "reference")
     _assert_same_checkpoint(_checkpoint(two / "checkpoint.pth"),
                             _checkpoint(one / "checkpoint.pth"))
 
@@ -494,22 +497,25 @@ def test_ddp_with_compiled_step_two_process_gloo_equals_reference(tmp_path):
     cores with a cold inductor cache."""
     two, one = tmp_path / "two", tmp_path / "one"
     _torchrun(2, two, 2, tmp_path, "--fast_step", "true", "--compile", "step")
-    _torchrun(1, one, 4, tmp_path)
+    _torchrun(1, one, 4, tmp_path, "--step", "reference")
     _assert_same_checkpoint(_checkpoint(two / "checkpoint.pth"),
                             _checkpoint(one / "checkpoint.pth"))
 
 
-def test_fsdp_needs_a_process_group(tmp_path):
+def test_fsdp_needs_a_process_group(tmp_path, monkeypatch, capsys):
     import torch.distributed as dist
     if dist.is_initialized():
         pytest.skip("a process group exists in this test process")
-    with pytest.raises(ValueError, match="torchrun"):
-        Trainer(_args(tmp_path, "--precision", "fp64", "--fast_step", "true", "--fsdp", "true"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # not under torchrun
+    with pytest.raises(SystemExit) as exc:
+        _args(tmp_path, "--precision", "fp64", "--fast_step", "true", "--fsdp", "true")
+    assert exc.value.code == 2 and "torchrun" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--fsdp", "true"], "--fast_step true"),
+    (["--step", "reference", "--fsdp", "true"], "--step reference"),
 ])
-def test_fsdp_flag_needs_fast_step(tmp_path, extra, needle):
-    with pytest.raises(ValueError, match=needle.replace("-", r"\-")):
-        Trainer(_args(tmp_path, "--precision", "fp64", *extra))
+def test_fsdp_flag_needs_fast_step(tmp_path, extra, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _args(tmp_path, "--precision", "fp64", *extra)
+    assert exc.value.code == 2 and needle in capsys.readouterr().err

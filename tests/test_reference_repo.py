@@ -13,8 +13,8 @@ does not point at a checkout. What is compared, all in fp64 unless said otherwis
    ``ibot_fast.convert`` from a checkpoint in the reference's layout: masked and unmasked
    forward, local crops (position-table interpolation), the last attention map;
 3. two training steps of the reference (``ReferenceTrainStep``: its networks, loss, clipping,
-   last-layer freeze, AdamW, EMA) against ``Trainer.train_step``, reference path and
-   ``--fast_step true``, from the same weights on the same batches: loss terms, gradients,
+   last-layer freeze, AdamW, EMA) against ``Trainer.train_step``, ``--step reference`` and
+   ``--step fast`` (the default), from the same weights on the same batches: loss terms, gradients,
    student and teacher weights, centres.
 
 Tolerances. In fp64 both sides evaluate the same formulas; only the order of floating-point
@@ -312,9 +312,9 @@ def _steps(trainer_or_ref, batches, schedule):
 @pytest.mark.parametrize("case", list(STEP_CASES))
 def test_train_steps_match_reference(ref, tmp_path, case):
     argv = TINY + STEP_CASES[case] + ["--output_dir", str(tmp_path)]
-    ours = Trainer(parse_args(argv))
-    fast = Trainer(parse_args(argv + ["--fast_step", "true"]))
-    assert ours.fast_step is None and fast.fast_step is not None
+    ours = Trainer(parse_args(argv + ["--step", "reference"]))
+    fast = Trainer(parse_args(argv))  # the default step
+    assert ours.path.name == "reference" and fast.path.name == "fast"
     theirs = ReferenceTrainStep(ref, ours.args, ours.iters_per_epoch)
     theirs.load_weights(ours.student_without_ddp.state_dict(), ours.teacher.state_dict())
     for name, p in fast.student_without_ddp.state_dict().items():  # same seed, same init

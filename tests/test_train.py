@@ -56,8 +56,8 @@ def test_cli_requires_data_path(capsys):
 
 def test_presets_and_overrides(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine
-    a = parse_args(["--preset", "vit_small_recipe", "--data_path", "synthetic:64", "--epochs", "3",
-                    "--warmup_teacher_temp_epochs", "1", "--warmup_epochs", "1"])
+    a = parse_args(["--preset", "vit_small_recipe", "--data_path", "synthetic:64",
+                    "--epochs", "3", "--warmup_teacher_temp_epochs", "1", "--warmup_epochs", "1"])
     assert (a.arch, a.patch_size, a.epochs, a.local_crops_number) == ("vit_small", 16, 3, 10)
     assert a.shared_head and not a.norm_last_layer and a.pred_ratio == [0.0, 0.3]
     assert a.patch_out_dim == a.out_dim == 8192  # follows out_dim when a head is shared
