@@ -336,9 +336,17 @@ def _flag(name, value) -> str:
 
 def _fast_only_rule(name: str, neutral) -> Rule:
     return Rule(f"reference-step-{name}",
-                lambda a: a.step == "reference" and getattr(a, name) != neutral,
+                lambda a: a.step == "reference" and vars(a)[name] != neutral,
                 f"{{}} is an option of the fast step: drop --step reference (or "
                 f"--fast_step false), or leave --{name} at {_flag(name, neutral).split()[1]}")
+
+
+def _triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:
+        return False
 
 
 def _triton_ok(a) -> bool:
@@ -430,7 +438,7 @@ def _rule_flags(rule: Rule, args) -> str:
     """The flags a fast-only rule is about, as given (for its message)."""
     name = rule.name.removeprefix("reference-step-")
     if name in FAST_ONLY_FLAGS:
-        return _flag(name, getattr(args, name))
+        return _flag(name, vars(args)[name])
     if rule.name == "attn_backend-device":
         return f"--attn_backend {args.attn_backend}"
     return ""
@@ -547,12 +555,12 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         _fail(parser, f"--arch {args.arch!r} is unknown; choose one of {sorted(ARCHS)}")
     args.arch = arch
     for name in ("global_crops_size", "local_crops_size"):
-        size = getattr(args, name)
+        size = vars(args)[name]
         if args.patch_size <= 0 or size % args.patch_size:
             _fail(parser, f"--patch_size {args.patch_size} does not divide --{name} {size}; "
                           f"pick a crop size that is a multiple of the patch size")
     for name in ("global_crops_scale", "local_crops_scale"):
-        lo, hi = getattr(args, name)
+        lo, hi = vars(args)[name]
         if not (0 < lo <= hi <= 1):
             _fail(parser, f"--{name} {lo} {hi}: need 0 < min <= max <= 1")
     if args.global_crops_number < 2:
@@ -569,14 +577,14 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
                       f"--pred_start_epoch)")
     for name in ("epochs", "batch_size_per_gpu", "out_dim", "patch_out_dim", "head_hidden_dim",
                  "head_bottleneck_dim", "log_freq"):
-        if getattr(args, name) < 1:
+        if vars(args)[name] < 1:
             _fail(parser, f"--{name} must be >= 1")
     for name in ("teacher_temp", "warmup_teacher_temp", "teacher_patch_temp",
                  "warmup_teacher_patch_temp"):
-        if not getattr(args, name) > 0:
+        if not vars(args)[name] > 0:
             _fail(parser, f"--{name} must be > 0")
     for name in ("lr", "min_lr", "weight_decay", "weight_decay_end"):
-        value = getattr(args, name)
+        value = vars(args)[name]
         if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
             need = "> 0" if name == "lr" else ">= 0"
             _fail(parser, f"--{name} {value}: must be finite and {need}")
@@ -588,7 +596,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         _fail(parser, "--keep_checkpoints must be >= 1 (checkpoint.pth itself)")
     for name in ("knn_every", "saveckp_freq", "warmup_epochs", "warmup_teacher_temp_epochs",
                  "freeze_last_layer", "pred_start_epoch", "clip_grad", "max_steps_per_epoch"):
-        if getattr(args, name) < 0:
+        if vars(args)[name] < 0:
             _fail(parser, f"--{name} must be >= 0")
     errs = _schedule_errors(args)
     if errs:
@@ -637,6 +645,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         check_attn_backend(args.attn_backend, args.device, training=True)
     except ValueError as err:
         _fail(parser, str(err))
+    if args.loss_backend == "auto":  # what the fused loss's auto picks for these tensors
+        args.loss_backend = ("triton" if args.device == "cuda" and args.precision != "fp64"
+                             and _triton_installed() else "torch")
     workers, threads = default_workers_and_threads(args.device)
     if args.num_workers == "auto":
         args.num_workers = workers

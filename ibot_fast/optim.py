@@ -1,4 +1,4 @@
-"""Optimiser pieces with the reference's semantics (reference-semantics.md §7.1, §7.2).
+"""Optimiser pieces with the reference's semantics.
 
 * Parameter groups: names ending in ``.bias`` or 1-D tensors are not weight-decayed; everything
   else is, including ``cls_token``, ``pos_embed``, ``masked_embed`` and the last layer's
@@ -8,7 +8,8 @@
   The reference calls ``.item()`` on every norm; we get identical numbers with foreach kernels
   and no host synchronisation.
 * The last layer(s) get ``grad = None`` during the first ``freeze_last_layer`` epochs, so AdamW
-  skips them entirely (no moment state, no decay).
+  skips them entirely (no moment state, no decay): ``Trainer.train_step`` drops them from the
+  step path's ``last_layer_params``.
 """
 from __future__ import annotations
 
@@ -53,14 +54,6 @@ def clip_gradients_per_tensor(params, clip: float) -> torch.Tensor | None:
     coefs = (clip / (norms + 1e-6)).clamp_(max=1.0)
     torch._foreach_mul_(grads, list(coefs.to(grads[0].dtype).unbind()))
     return norms
-
-
-def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int):
-    if epoch >= freeze_last_layer:
-        return
-    for name, param in model.named_parameters():
-        if "last_layer" in name:
-            param.grad = None
 
 
 def set_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float):

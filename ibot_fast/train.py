@@ -190,6 +190,15 @@ class Trainer:
         self.preemption = PreemptionHandler()
         self.skipped = 0  # steps skipped by --on_nan skip in the current epoch
         self._resume_pos: dict | None = None  # mid-epoch position of the loaded checkpoint
+        log(self.describe(), self.info)
+
+    def describe(self) -> str:
+        """The start-up line: what runs where, every value as the flag validation resolved it."""
+        a = self.args
+        return (f"step {a.step} on {self.device.type} x {self.info.world_size} process(es): "
+                f"precision {a.precision}, attention {a.attn_backend}, loss {a.loss_backend}, "
+                f"data {self.data_backend} ({a.num_workers} workers), masks {a.mask_backend}, "
+                f"{torch.get_num_threads()} thread(s)")
 
     @property
     def _fsdp(self) -> bool:
@@ -477,7 +486,9 @@ class Trainer:
             bar = tqdm(total=self.iters_per_epoch, initial=start, desc=f"epoch {epoch}",
                        dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
         t_last, n_last = time.perf_counter(), steps
+        t_epoch, postfix = t_last, {}
         n_images = args.batch_size_per_gpu * info.world_size
+        steps_left = (args.epochs - epoch) * self.iters_per_epoch - start  # of the whole run
         single = not is_distributed()
         for i, (images, _labels, masks) in enumerate(self.loader, start=start):
             if i >= self.iters_per_epoch:
@@ -487,8 +498,15 @@ class Trainer:
             if not out["skipped"]:  # a skipped step is logged, not averaged
                 sums += torch.stack([out[k].double() for k in ("loss", "cls", "patch", "acc")])
                 steps += 1
+            # img/s and ETA on the host clock from the first step (no device sync; on a GPU
+            # the host runs a few steps ahead, so the first figures are rough)
+            done = i + 1 - start
+            per_step = (time.perf_counter() - t_epoch) / done
+            eta_s = per_step * (steps_left - done)
             if bar is not None:
                 bar.update(1)
+                postfix.update(img_s=f"{n_images / per_step:.1f}", eta=_hms(eta_s))
+                bar.set_postfix(postfix, refresh=False)
             at_log = (i + 1) % args.log_freq == 0 or i + 1 == self.iters_per_epoch
             stop = False
             # The sync point: all ranks agree on non-finite steps and on preemption. A single
@@ -505,12 +523,12 @@ class Trainer:
                        "cls": out["cls"].item(), "patch": out["patch"].item(),
                        "acc": out["acc"].item(), "lr": float(self.lr_schedule[it]),
                        "wd": float(self.wd_schedule[it]), "img_s": img_s,
-                       "skipped": self.skipped}
+                       "eta_s": eta_s, "skipped": self.skipped}
                 if info.is_main:
                     self._append(step_log, rec)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}",
-                                        img_s=f"{img_s:.1f}")
+                        postfix.update(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
+                        bar.set_postfix(postfix)
             # at the epoch's last step the epoch checkpoint comes next and serves as well
             if stop and i + 1 < self.iters_per_epoch:
                 if bar is not None:
@@ -531,6 +549,11 @@ class Trainer:
             self._append(epoch_log, stats)
         log(f"epoch {epoch}: loss {avg[0]:.4f} (cls {avg[1]:.4f}, patch {avg[2]:.4f})", info)
         return stats
+
+
+def _hms(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    return f"{s // 3600}:{s // 60 % 60:02}:{s % 60:02}"
 
 
 def plot_loss_curve(output_dir: str) -> str | None:

@@ -137,18 +137,18 @@ real_step = train.Trainer.train_step
 
 def step(self, images, masks, epoch, it):
     if rank == 1 and it == {nan_it}:  # a NaN loss on rank 1 only, for this step
-        real_fwd = self.ibot_loss.forward
+        for name in ("forward", "forward_selected"):  # --step reference / fast
+            def poisoned(*a, _real=getattr(self.ibot_loss, name), **k):
+                terms = dict(_real(*a, **k))
+                terms["loss"] = terms["loss"] * float("nan")
+                return terms
 
-        def poisoned(*a, **k):
-            terms = dict(real_fwd(*a, **k))
-            terms["loss"] = terms["loss"] * float("nan")
-            return terms
-
-        self.ibot_loss.forward = poisoned
+            setattr(self.ibot_loss, name, poisoned)
     try:
         out = real_step(self, images, masks, epoch, it)
     finally:
         self.ibot_loss.__dict__.pop("forward", None)
+        self.ibot_loss.__dict__.pop("forward_selected", None)
     if rank == 1 and attempt == 0 and it == {kill_it}:
         # the newest checkpoint is damaged as the rank dies
         path = os.path.join(self.args.output_dir, "checkpoint.pth")

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -266,9 +267,19 @@ def assert_same_weights(path_a, path_b):
 
 
 # ------------------------------------------------------------------ artefacts, errors
-def test_run_leaves_checkpoint_logs_and_curve(tmp_path):
+def test_run_leaves_checkpoint_logs_and_curve(tmp_path, capsys):
     main(TINY + ["--data_path", "synthetic:16", "--output_dir", str(tmp_path),
                  "--epochs", "2", "--saveckp_freq", "1"])
+    # the start-up line says what runs, args.json holds the values as resolved
+    out = capsys.readouterr().out
+    recorded = json.loads((tmp_path / "args.json").read_text())
+    for name in ("step", "precision", "attn_backend", "loss_backend", "data_backend",
+                 "mask_backend", "num_workers", "threads"):
+        assert recorded[name] not in ("auto", None), name
+    line = next(ln for ln in out.splitlines() if "step fast on cpu" in ln)
+    for word in ("precision fp32", "attention sdpa", "loss torch", "data torch (0 workers)",
+                 f"masks {recorded['mask_backend']}", "1 thread(s)"):
+        assert word in line, (word, line)
     for name in ("checkpoint.pth", "checkpoint0001.pth", "checkpoint0002.pth", "log.txt",
                  "steps.jsonl", "loss_curve.png", "args.json"):
         assert (tmp_path / name).is_file(), name
@@ -305,3 +316,25 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     assert after["epoch"] == good["epoch"] == 2
     assert exc.value.code == 3  # EXIT_NONFINITE
     assert not list(tmp_path.glob("*nonfinite*"))  # a non-finite state is never written
+
+
+def test_img_s_and_eta_from_the_first_step(tmp_path, monkeypatch):
+    """The progress bar shows img/s and the run's ETA from step 1 (host clock, no sync), not
+    only at the first --log_freq line; steps.jsonl records the ETA."""
+    import tqdm
+    seen = []
+
+    class Bar(tqdm.tqdm):
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+            seen.append((self.n, dict(ordered_dict or {}, **kwargs)))
+            super().set_postfix(ordered_dict, refresh, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    tr = Trainer(tiny_args(tmp_path, "--progress", "true", "--log_freq", "10", "--epochs", "2"))
+    os.makedirs(tmp_path, exist_ok=True)
+    tr.train_one_epoch(0, *tr._log_files())
+    n, first = seen[0]
+    assert n == 1 and float(first["img_s"]) > 0
+    assert re.fullmatch(r"\d+:\d\d:\d\d", first["eta"])
+    recs = _read(tmp_path / "steps.jsonl")
+    assert len(recs) == 1 and recs[0]["eta_s"] > 0  # one log line (step 4 of 4), epoch 1 left

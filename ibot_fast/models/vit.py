@@ -2,8 +2,7 @@
 
 A pre-norm ViT in the DINO/timm layout, written so that checkpoint keys match the reference
 (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,
-mlp.fc1,mlp.fc2}`, `norm`, `masked_embed`). What it computes is described in
-`shared/reference-semantics.md`, section 4. Differences from the reference, all exact:
+mlp.fc1,mlp.fc2}`, `norm`, `masked_embed`). Differences from the reference, all exact:
 
 * attention goes through `F.scaled_dot_product_attention` (same maths as the explicit
   softmax(q kᵀ · d_h^-0.5) v; the probabilities are materialised only in
