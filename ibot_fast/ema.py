@@ -79,7 +79,8 @@ def flatten_parameters_(params: list[nn.Parameter]) -> torch.Tensor:
         raise ValueError("flatten_parameters_ got no parameters")
     dtypes = {(p.dtype, p.device) for p in params}
     if len(dtypes) != 1:
-        raise ValueError(f"flat EMA buffers need one dtype and device, got {sorted(map(str, dtypes))}")
+        raise ValueError(f"flat EMA buffers need one dtype and device, got "
+                         f"{sorted(map(str, dtypes))}")
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     off = 0
     for p in params:

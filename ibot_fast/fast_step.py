@@ -30,12 +30,12 @@ tests/test_fast_step.py compares them flag by flag) with these changes, each beh
   are static (padded mask indices, drop-path coins drawn outside as inputs), so nothing
   recompiles after the first step whatever the masks.
 * ``--compile step`` (with ``selected``, not with FSDP): :meth:`FastPath._forward_selected`
-  -- teacher forward, student forward and loss -- is one ``torch.compile``d function (``dynamic=False``,
-  one graph, no graph break): the drop-path draws and the epoch's teacher temperatures (0-dim
-  tensors) are inputs, and the loss's torch back end takes every padded row instead of its
-  ``nonzero``, so neither new masks nor a new epoch recompile. The optimiser (fused AdamW) and
-  the EMA (one flat kernel) stay eager: single fused kernels already, and their per-step lr /
-  momentum floats would be recompiles.
+  -- teacher forward, student forward and loss -- is one ``torch.compile``d function
+  (``dynamic=False``, one graph, no graph break): the drop-path draws and the epoch's teacher
+  temperatures (0-dim tensors) are inputs, and the loss's torch back end takes every padded row
+  instead of its ``nonzero``, so neither new masks nor a new epoch recompile. The optimiser
+  (fused AdamW) and the EMA (one flat kernel) stay eager: single fused kernels already, and
+  their per-step lr / momentum floats would be recompiles.
 * Drop path: the per-sample coins are drawn before the blocks in the reference's order, so a
   seeded fast step drops the same samples; ``--drop_path_mode subset`` switches to DINOv2's
   compute-skipping stochastic depth (branch on a random subset, rescaled: same expectation,

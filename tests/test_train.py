@@ -83,8 +83,9 @@ def test_bad_data_folder_fails_with_message(tmp_path, make_root, needle, capsys)
 
 # ------------------------------------------------------------------- one step, by hand
 def _reference_step(student, teacher, loss_fn, opt_state, images, masks, epoch, lr, wd, m, args):
-    """The reference's step written out: forward, loss (updates centres), backward, per-tensor clip with a norm
-    per tensor, last layer cancelled while frozen, AdamW by hand, EMA by a Python loop."""
+    """The reference's step written out: forward, loss (updates centres), backward, per-tensor
+    clip with a norm per tensor, last layer cancelled while frozen, AdamW by hand, EMA by a
+    Python loop."""
     ng = args.global_crops_number
     with torch.no_grad():
         t_out = teacher(images[:ng])
@@ -242,7 +243,8 @@ def _torchrun(nproc, out, batch, tmp_path, *extra, config=TINY):
 
 @pytest.mark.slow
 def test_two_process_gloo_equals_one_process(tmp_path):
-    """The reference step (the fast step under DDP: tests/test_fast_step.py). Same global batch (2x2 vs 1x4): same epoch losses, same weights, same centres.
+    """The reference step (the fast step under DDP: tests/test_fast_step.py). Same global
+    batch (2x2 vs 1x4): same epoch losses, same weights, same centres.
     Crops and masks are a function of (seed, epoch, image index), so the ranks see the very
     images the single process sees; drop path is off (its draws are per process). In fp64:
     in fp32 the different gradient reduction order is last-bit noise that Adam amplifies on
