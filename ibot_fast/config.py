@@ -491,12 +491,7 @@ def _data_path_error(path: str, need: int) -> Optional[str]:
     images only up to ``need`` (a large dataset is not scanned here)."""
     from ibot_fast.data.dataset import IMG_EXTENSIONS
     if path == "mnist_5k" or path.startswith("synthetic"):
-        if path.startswith("synthetic:"):
-            n = path.split(":", 1)[1]
-            if not n.isdigit() or int(n) < need:
-                return (f"--data_path {path}: need an image count of at least one global batch "
-                        f"({need} = --batch_size_per_gpu x processes), e.g. synthetic:{need}")
-        return None
+        return None  # generated here: nothing to check on disk
     if not os.path.exists(path):
         return (f"--data_path {path} does not exist: pass an ImageFolder root "
                 f"(root/<class>/<image>), or mnist_5k for the demo digits")

@@ -127,10 +127,9 @@ class Trainer:
         from ibot_fast.data import build_pretrain_loader
         from ibot_fast.data.dali import build_dali_pretrain_loader, resolve_data_backend
         self.dataset = dataset
-        backend = args.data_backend
-        if backend == "auto" and str(getattr(dataset, "root", "")).startswith("synthetic"):
-            backend = "torch"  # generated images: no files for DALI to decode
-        self.data_backend = resolve_data_backend(backend, self.device.type)
+        # resolved by the flag validation (auto -> dali or torch); checked again for callers
+        # that bring their own args
+        self.data_backend = resolve_data_backend(args.data_backend, self.device.type)
         if self.data_backend == "dali":  # decode + augment in DALI (GPU, or CPU threads)
             gpu = self.device.type == "cuda"
             self.loader = build_dali_pretrain_loader(

@@ -245,7 +245,6 @@ def test_args_hold_resolved_values(cpu):
     (lambda p: (p / "d" / "c").mkdir(parents=True) or str(p / "d"), "no images"),
     (lambda p: ((p / "s" / "c").mkdir(parents=True), (p / "s" / "c" / "a.png").write_bytes(b""))
      and str(p / "s"), "fewer than one global batch"),
-    (lambda p: "synthetic:3", "at least one global batch"),
 ])
 def test_bad_data_path_is_a_usage_error(tmp_path, cpu, no_work, capsys, make, needle):
     path = make(tmp_path)
