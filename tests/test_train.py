@@ -179,6 +179,21 @@ def test_train_step_equals_hand_written_reference_step(tmp_path, dtype, step):
     assert not torch.equal(head, initial["head.last_layer.weight_v"])
 
 
+@pytest.mark.parametrize("step", ["fast", "reference"])
+def test_step_path_builds_its_parts_once(tmp_path, step):
+    """The step path owns the student module, optimiser and EMA the trainer uses (one of each,
+    built once): fused AdamW and the flat EMA on the fast step, the reference's otherwise."""
+    from ibot_fast.ema import EMATeacherUpdate, FlatEMA
+    tr = Trainer(tiny_args(tmp_path, "--step", step))
+    assert tr.path.name == step
+    assert tr.optimizer is tr.path.optimizer and tr.ema is tr.path.ema
+    assert type(tr.ema) is (FlatEMA if step == "fast" else EMATeacherUpdate)
+    assert bool(tr.optimizer.defaults.get("fused")) == (step == "fast")
+    in_optimizer = [id(p) for g in tr.optimizer.param_groups for p in g["params"]]
+    assert sorted(in_optimizer) == sorted(id(p) for p in tr.path.params)
+    assert tr.path.module is (tr.path.fast_student if step == "fast" else tr.student)
+
+
 def test_groups_and_frozen_g(tmp_path):
     tr = Trainer(tiny_args(tmp_path, "--norm_last_layer", "true"))
     decayed = {id(p) for p in tr.optimizer.param_groups[0]["params"]}
