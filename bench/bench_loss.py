@@ -3,7 +3,7 @@
     python -m pytest bench/bench_loss.py --benchmark-only -q            # CPU groups
     python -m pytest bench/bench_loss.py --benchmark-only -q -m gpu     # GPU groups (CUDA)
 
-Variants (one name each, the same in tests/test_fused_loss.py):
+Variants (one name each, the same in tests/test_loss_ibot.py):
 * ``eager``   -- ``IBOTLossReference`` (dense, every patch token; the ground truth);
 * ``compile`` -- ``torch.compile`` of the same forward (GPU by default; on the CPU only with
   ``IBOT_BENCH_COMPILE=1``: ~30 s of compilation on 2 cores);
@@ -115,21 +115,19 @@ def eager_selected(loss_fn, x, epoch):
     pt2 = torch.softmax((x["t_rows"].float() - loss_fn.center2.view(-1)) / tau2, -1)
     patch = (-(pt2 * logp2).sum(-1) * x["w"]).sum() * loss_fn.lambda2
     with torch.no_grad():
-        loss_fn._update_center_from_sums(x["t_cls"].float().sum(0), x["t_mean"] * ng * B, ng * B)
+        loss_fn.update_center_from_sums(x["t_cls"].float().sum(0), x["t_mean"] * ng * B, ng * B)
     return dict(cls=cls, patch=patch, loss=cls + patch)
 
 
 def build_step(variant: str, layout: str, x: dict, device: str):
     """A closure running one forward + backward of ``variant`` on ``x``."""
-    if variant == "eager":
+    if variant in ("eager", "compile"):
         loss_fn = IBOTLossReference(*LOSS_ARGS).to(device)
     else:
-        backend = "torch" if variant == "compile" else variant.removesuffix("_inplace")
-        loss_fn = IBOTLoss(*LOSS_ARGS, backend=backend,
+        loss_fn = IBOTLoss(*LOSS_ARGS, backend=variant.removesuffix("_inplace"),
                            inplace_grad=variant.endswith("_inplace")).to(device)
     if layout == "dense":
-        fwd = IBOTLossReference.forward.__get__(loss_fn) if variant in ("eager", "compile") \
-            else loss_fn.forward
+        fwd = loss_fn.forward
         if variant == "compile":
             fwd = torch.compile(fwd)
 
