@@ -1,23 +1,18 @@
 """The fast step (``--step fast``, the default; ibot_fast/fast_step.py) against the reference
-step (``--step reference``), flag by flag; the pieces it is made of
-(packed blocks, attention back ends, stochastic depth, the flat EMA and its Triton kernel);
-torch.compile without recompiles."""
+step (``--step reference``), flag by flag; torch.compile without recompiles. The pieces it is
+made of have their own files: test_packed.py (packed blocks, attention back ends, stochastic
+depth), test_ema.py (the flat EMA and its Triton kernel)."""
 from __future__ import annotations
 
 import itertools
-import math
 import os
 
 import pytest
 import torch
 
 from ibot_fast.config import parse_args
-from ibot_fast.ema import EMATeacherUpdate, FlatEMA
 from ibot_fast.fast_step import patch_token_rows
 from ibot_fast.masking import MaskBatch
-from ibot_fast.models import build_ibot_models
-from ibot_fast.models.packed import (PackedBlock, check_attn_backend, draw_subsets,
-                                     packed_attention)
 from ibot_fast.train import Trainer
 from test_train import _torchrun as _torchrun_tiny
 from test_train import assert_same_weights
@@ -197,113 +192,7 @@ def test_bf16_teacher_copy_follows_the_ema(tmp_path):
         assert torch.equal(p, dict(tr.teacher.named_parameters())[name].to(torch.bfloat16))
 
 
-# ------------------------------------------------------------------- packed blocks, attention
-def _vit(**kw):
-    student, _ = build_ibot_models("vit_nano", 8, img_size=16, out_dim=8, patch_out_dim=8,
-                                   shared_head=True, head_hidden_dim=8, head_bottleneck_dim=4,
-                                   **kw)
-    return student.backbone.double()
-
-
-def test_packed_blocks_equal_separate_passes():
-    """Two crop groups (2x5 and 3x2 tokens) through a packed block equal each group alone
-    through the reference Block.forward."""
-    torch.manual_seed(0)
-    bb = _vit(drop_path=0.0)
-    blk = bb.blocks[1]
-    xs = [torch.randn(2, 5, 128, dtype=torch.float64), torch.randn(3, 2, 128, dtype=torch.float64)]
-    for backend in ("sdpa", "math"):
-        pb = PackedBlock(blk, layout=((2, 5), (3, 2)), attn_backend=backend)
-        got = pb(torch.cat([x.reshape(-1, 128) for x in xs]))
-        want = torch.cat([blk(x).reshape(-1, 128) for x in xs])
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-
-
-def test_flex_document_mask_forward_equals_math():
-    """flex_attention's document mask over a packed stream (forward only: no CPU backward)."""
-    torch.manual_seed(0)
-    layout = ((2, 5), (3, 2))
-    qkv = torch.randn(16, 3 * 8)
-    want = packed_attention(qkv, layout, 2, 0.5, "math")
-    try:
-        got = packed_attention(qkv, layout, 2, 0.5, "flex")
-    except Exception as err:  # pragma: no cover - depends on the torch build
-        pytest.skip(f"flex_attention forward unavailable here: {err}")
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_check_attn_backend():
-    assert check_attn_backend("sdpa", "cpu") == "sdpa"
-    with pytest.raises(ValueError, match="unknown attn_backend"):
-        check_attn_backend("flash", "cpu")
-    assert check_attn_backend("flex", "cpu", training=False) == "flex"
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["sdpa", "xformers", "flex", "varlen"])
-def test_packed_attention_backends_gpu(backend):
-    """Every back end on a packed stream of two crop sizes, forward and backward, against the
-    explicit softmax in fp32 (bf16 back ends: error budget of bf16 rounding)."""
-    try:
-        check_attn_backend(backend, "cuda")
-    except ValueError as err:
-        pytest.skip(str(err))
-    torch.manual_seed(0)
-    layout = ((4, 197), (6, 37))
-    R = sum(b * t for b, t in layout)
-    qkv = torch.randn(R, 3 * 384, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(R, 384, device="cuda", dtype=torch.bfloat16)
-    ref_in = qkv.detach().float().requires_grad_()
-    want = packed_attention(ref_in, layout, 6, 64 ** -0.5, "math")
-    (want * g.float()).sum().backward()
-    got = packed_attention(qkv, layout, 6, 64 ** -0.5, backend)
-    (got.float() * g.float()).sum().backward()
-    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(qkv.grad.float(), ref_in.grad, rtol=5e-2, atol=5e-2)
-
-
 # ------------------------------------------------------------------------ stochastic depth
-def test_subset_stochastic_depth_expectation_is_exact():
-    """Compute-skipping stochastic depth: averaged over *every* subset of the size drawn, the
-    output equals x + branch(x) (the expectation the flag promises), per group; and each
-    sequence of a subset gets branch / (k/b), the others exactly x."""
-    torch.manual_seed(0)
-    bb = _vit(drop_path=0.5)
-    blk = bb.blocks[3]  # drop rate 0.5 -> subsets of b - floor(b/2)
-    p = blk.drop_path.drop_prob
-    layout = ((4, 5), (3, 2))
-    pb = PackedBlock(blk, layout=layout)
-    x = torch.randn(sum(b * t for b, t in layout), 128, dtype=torch.float64)
-    full = x + pb._attn_branch(x, layout)
-    ks = [b - int(p * b) for b, _ in layout]
-    subsets = [list(itertools.combinations(range(b), k)) for (b, _), k in zip(layout, ks)]
-    total, count = torch.zeros_like(x), 0
-    for combo in itertools.product(*subsets):
-        idx = [torch.tensor(c) for c in combo]
-        y = pb._subset_residual(x, pb._attn_branch, idx)
-        total += y
-        count += 1
-        start = 0
-        for (b, t), c, k in zip(layout, combo, ks):
-            for s in range(b):
-                rows = slice(start + s * t, start + (s + 1) * t)
-                want = (x[rows] + (full[rows] - x[rows]) * (b / k) if s in c else x[rows])
-                torch.testing.assert_close(y[rows], want, rtol=1e-10, atol=1e-12)
-            start += b * t
-    torch.testing.assert_close(total / count, full, rtol=1e-10, atol=1e-12)
-
-
-def test_draw_subsets_sizes_and_uniformity():
-    torch.manual_seed(0)
-    bb = _vit(drop_path=0.4)
-    draws = [draw_subsets(bb.blocks, [10], "cpu")[3][0][0] for _ in range(2000)]
-    assert all(d.numel() == 10 - int(0.4 * 10) and torch.equal(d, d.sort().values.unique())
-               for d in draws)
-    freq = torch.bincount(torch.cat(draws), minlength=10).double() / len(draws)
-    # each index is in a subset with probability 6/10; 5 sigma of 2000 Bernoulli draws
-    assert (freq - 0.6).abs().max() < 5 * math.sqrt(0.24 / 2000)
-
-
 def test_subset_mode_without_drop_path_is_the_reference(tmp_path):
     """--drop_path_mode subset changes nothing where no block drops (--drop_path 0)."""
     _compare(tmp_path, ["--drop_path_mode", "subset"], ref_extra=["--drop_path", "0"], steps=2)
@@ -317,63 +206,6 @@ def test_subset_mode_trains(tmp_path):
     out = tr.train_step(images, masks, 1, tr.iters_per_epoch)
     assert torch.isfinite(out["loss"])
     assert not torch.equal(before, tr.student_without_ddp.backbone.blocks[3].mlp.fc1.weight)
-
-
-# ------------------------------------------------------------------------------ flat EMA
-def _pair(shared_head):
-    torch.manual_seed(0)
-    s, t = build_ibot_models("vit_nano", 8, img_size=16, out_dim=8, patch_out_dim=8,
-                             shared_head=shared_head, head_hidden_dim=8, head_bottleneck_dim=4)
-    with torch.no_grad():  # a student that differs from the teacher
-        for p in s.parameters():
-            p.add_(torch.randn_like(p))
-    return s, t
-
-
-@pytest.mark.parametrize("shared_head", [True, False])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_flat_ema_equals_reference_ema(shared_head, backend):
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1" \
-            and not torch.cuda.is_available():
-        pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1")
-    s1, t1 = _pair(shared_head)
-    s2, t2 = _pair(shared_head)
-    ref = EMATeacherUpdate(s1, t1)
-    flat = FlatEMA(s2, t2, backend=backend)
-    # parameters now live in the flat buffers (same Parameter objects, values kept)
-    for (n, p), (_, q) in zip(s1.named_parameters(), s2.named_parameters()):
-        assert torch.equal(p, q), n
-    lo = flat.teacher_flat.data_ptr()
-    hi = lo + flat.teacher_flat.numel() * flat.teacher_flat.element_size()
-    assert all(lo <= p.data_ptr() < hi for p in flat.teacher_params)
-    for m in (0.996, 0.3):  # both lerp formulas (weight below / above 1/2)
-        ref(m)
-        flat(m)
-        for (n, p), (_, q) in zip(t1.named_parameters(), t2.named_parameters()):
-            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=n)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("momentum", [0.996, 0.25])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_ema_triton_kernel_equals_lerp(dtype, momentum, bf16):
-    """The kernel against torch.lerp_ (n not a multiple of the block; both lerp branches)."""
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1")
-    from ibot_fast.kernels.ema_triton import ema_flat_
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(0)
-    n = 3 * 1024 + 17
-    t = torch.randn(n, generator=g, dtype=dtype).to(dev)
-    s = torch.randn(n, generator=g, dtype=dtype).to(dev)
-    want = t.clone().lerp_(s, 1 - momentum)
-    t16 = torch.zeros(n, dtype=torch.bfloat16, device=dev) if bf16 else None
-    ema_flat_(t, s, momentum, t16, block=1024)
-    # lerp_ may use an FMA where the kernel rounds twice: one ulp of slack
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(t, want, rtol=2 * eps, atol=2 * eps)
-    if bf16:
-        assert torch.equal(t16, t.to(torch.bfloat16))
 
 
 # ------------------------------------------------------------------------- torch.compile

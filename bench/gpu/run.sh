@@ -1,26 +1,38 @@
 #!/usr/bin/env bash
-# GPU side of the recipe (shared/GPU.md), run on the lent GPU machine in the repo root:
+# GPU side of the recipe, run on a GPU machine in the repo root:
 #
 #   bash bench/gpu/run.sh [--dry-run] STAGE [STAGE ...]
 #
-# Stages, in the order a session uses them (bench/gpu/README.md has the device calls):
+# The first tier needs no wheels and is one command: `tier1` (= python3 bench/gpu/run_gpu.py,
+# results appended to $OUT/results.jsonl case by case). Everything else is the optional second
+# tier, for the packages a GPU machine lacks (xformers, DALI and what they need), carried as
+# wheel parts over several calls. Stages (bench/gpu/README.md has the device calls):
+#   tier1          bench/gpu/run_gpu.py: env, kernels, train step, gpu tests, CUDA mask
+#                  extension, ViT-B, within IBOT_GPU_BUDGET_S (570 s)
 #   stash          copy the carried wheel part(s) (.gpu_carry/p*) to $IBOT_GPU_WORK/parts, which
 #                  stays while the machine is warm
 #   join           once every part is there: join them, check the sha256, unpack the wheels
-#   install        join (if not done), pip install the wheels (--no-deps) into
-#                  $IBOT_GPU_WORK/site, then ibot_fast itself with the CUDA mask extension
-#                  (IBOT_FAST_REQUIRE_EXT=1: a failed CUDA build stops here)
+#   check-xformers say whether each joined xformers wheel was built for this torch + CUDA
+#                  (exit code 1 when one was not)
+#   install        join (if not done); check that the xformers wheel was built for this torch and
+#                  CUDA (it is left out, with a message, when not); pip install the wheels
+#                  (--no-deps) into $IBOT_GPU_WORK/site; build the mask extension in place
+#                  (IBOT_FAST_REQUIRE_EXT=1: a failed CUDA build stops here). Nothing is
+#                  installed from the tree: it runs from PYTHONPATH
 #   env            GPU, driver, versions, commit and date -> $OUT/env.txt (for results headers)
 #   tests          pytest -m gpu tests/           -> $OUT/gpu-tests.log, gpu-tests.xml
+#   tier2          the tests that need the wheels (DALI, xformers) -> $OUT/tier2-tests.*
 #   bench-kernels  bench_loss.py (-m gpu) and bench_masking.py -> $OUT/bench-*.json
 #   bench-step     bench_step.py -m gpu           -> $OUT/bench-step.json
 #   bench-data     bench_data.py, DALI GPU cases  -> $OUT/bench-data.json
-# Each stage runs under its own time limit (IBOT_GPU_STAGE_S, default 540 s) so that a device
-# call (10 min at most) still returns its output. Results go to $OUT, the device tool's output
-# folder ($ROOT/.gpu_out when unset).
+# Each pytest stage runs under its own time limit (IBOT_GPU_STAGE_S, default 540 s) so that a
+# device call (10 min at most) still returns its output; pytest-benchmark writes its JSON only
+# when a stage ends, so the bench-* stages are for calls of their own. Results go to $OUT, the
+# device tool's output folder ($ROOT/.gpu_out when unset).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
 WORK=${IBOT_GPU_WORK:-/tmp/ibot_gpu}
 CARRY=${IBOT_GPU_CARRY:-$ROOT/.gpu_carry}
 OUT=${OUT:-$ROOT/.gpu_out}
@@ -31,8 +43,8 @@ STAGES=()
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
-    stash|join|install|env|tests|bench-kernels|bench-step|bench-data) STAGES+=("$a") ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    tier1|stash|join|check-xformers|install|env|tests|tier2|bench-kernels|bench-step|bench-data) STAGES+=("$a") ;;
     *) echo "run.sh: unknown stage $a (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -99,19 +111,64 @@ stage_join() {
   echo "run.sh join: $(ls "$WORK"/wheels/*.whl | wc -l) wheels in $WORK/wheels"
 }
 
+xformers_matches() {  # WHEEL: 0 when the wheel's C++ ops were built for this torch + CUDA
+  "$PY" - "$1" <<'PYEOF'
+import json, sys, zipfile
+import torch
+with zipfile.ZipFile(sys.argv[1]) as z:
+    names = [n for n in z.namelist() if n.endswith("xformers/cpp_lib.json")]
+    if not names:
+        print("xformers wheel: no cpp_lib.json (a pure-Python build): nothing to check")
+        sys.exit(0)
+    info = json.loads(z.read(names[0]))["version"]
+cuda = info.get("cuda")
+built_cuda = f"{cuda // 100}.{cuda % 100}" if isinstance(cuda, int) else str(cuda)
+here = (torch.__version__.split("+")[0].rsplit(".", 1)[0], (torch.version.cuda or "").split(".")[0])
+built = (str(info.get("torch", "")).split("+")[0].rsplit(".", 1)[0], built_cuda.split(".")[0])
+print(f"xformers wheel built for torch {info.get('torch')} with CUDA {built_cuda}; this is "
+      f"torch {torch.__version__} with CUDA {torch.version.cuda}")
+sys.exit(0 if built == here else 1)
+PYEOF
+}
+
+stage_check_xformers() {
+  [ "$DRY" = 1 ] && { echo "+ check each xformers-*.whl's cpp_lib.json against torch"; return; }
+  shopt -s nullglob
+  local w rc=0
+  for w in "$WORK"/wheels/xformers-*.whl; do xformers_matches "$w" || rc=1; done
+  return $rc
+}
+
 stage_install() {
   stage_join
+  local wheels=() w
+  if [ "$DRY" = 1 ]; then
+    echo "+ check each xformers-*.whl's cpp_lib.json against torch (skip it when it differs)"
+    wheels=("$WORK/wheels/*.whl")
+  else
+    for w in "$WORK"/wheels/*.whl; do
+      case "$(basename "$w")" in
+        xformers-*)
+          if ! xformers_matches "$w"; then
+            echo "run.sh install: skipping $(basename "$w"): built for another torch/CUDA;" \
+                 "the xformers tests will skip (carry a wheel built for this torch)"
+            continue
+          fi ;;
+      esac
+      wheels+=("$w")
+    done
+  fi
   run "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target "$WORK/site" "$WORK"/wheels/*.whl
+      --target "$WORK/site" "${wheels[@]}"
   if [ "$DRY" = 0 ]; then
-    printf 'export PYTHONPATH=%s${PYTHONPATH:+:$PYTHONPATH}\n' "$WORK/site" > "$WORK/env.sh"
+    printf 'export PYTHONPATH=%s:%s${PYTHONPATH:+:$PYTHONPATH}\n' "$ROOT" "$WORK/site" \
+      > "$WORK/env.sh"
     . "$WORK/env.sh"
   fi
-  # the package itself, editable, with the CUDA extension (torch there has CUDA)
-  run env IBOT_FAST_REQUIRE_EXT=1 "$PY" -m pip install -q --no-index --no-deps \
-      --no-build-isolation -e "$ROOT"
+  # the CUDA mask extension, in place (torch there has CUDA); the tree runs from PYTHONPATH
+  run env IBOT_FAST_REQUIRE_EXT=1 "$PY" setup.py build_ext --inplace
   run "$PY" -c "import torch, ibot_fast.masking as m; \
-print('ibot_fast installed; torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
+print('ibot_fast from the tree; torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 'cuda masks', m.extension_available(cuda=True))"
 }
 
@@ -141,14 +198,23 @@ PYEOF
   } | tee "$OUT/env.txt"
 }
 
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
 for s in "${STAGES[@]}"; do
   echo "run.sh: === $s ==="
   case "$s" in
     stash) stage_stash ;;
     join) stage_join ;;
+    check-xformers) stage_check_xformers ;;
     install) stage_install ;;
     env) stage_env ;;
+    tier1)
+      run mkdir -p "$OUT"
+      run timeout $(( ${IBOT_GPU_BUDGET_S:-570} + 20 )) "$PY" bench/gpu/run_gpu.py \
+        --out "$OUT" --budget-s "${IBOT_GPU_BUDGET_S:-570}" ;;
     tests) pytest_stage gpu-tests -m gpu tests -q -rs --junitxml "$OUT/gpu-tests.xml" ;;
+    tier2) pytest_stage tier2-tests -m gpu tests/test_dali.py tests/test_packed.py \
+        -k "dali or xformers" -q -rs --junitxml "$OUT/tier2-tests.xml" ;;
     bench-kernels)
       pytest_stage bench-loss bench/bench_loss.py -m gpu --benchmark-only -q \
         --benchmark-json "$OUT/bench-loss.json"

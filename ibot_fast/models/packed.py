@@ -17,12 +17,16 @@ sequence:
              against);
 * ``xformers`` ``memory_efficient_attention`` over the whole packed stream with a
              ``BlockDiagonalMask`` (CUDA; xformers has no CPU kernels);
-* ``flex``   ``flex_attention`` over the packed stream with a document mask (forward and
-             backward on CUDA; this torch has no flex backward on the CPU);
+* ``flex``   ``flex_attention`` over the packed stream with a document mask; on CUDA always
+             the compiled kernel with a compiled (block-sparse) mask, since eager flex
+             materialises every score of the stream; eager on the CPU, forward only, for
+             streams of at most ``FLEX_EAGER_MAX_TOKENS`` tokens;
 * ``varlen`` ``torch.nn.attention.varlen.varlen_attn`` (flash attention over cumulative
-             sequence offsets; CUDA only).
+             sequence offsets; CUDA only, bf16/fp16 inputs only).
 
-Unavailable back ends fail in :func:`check_attn_backend` with a message naming the fix.
+:func:`attn_backend_flag_errors` holds the flag rules (device, precision) for argument
+parsing; :func:`check_attn_backend` adds what only the installed packages can tell (imports,
+whether xformers' compiled ops load, and which torch/CUDA its wheel was built for when not).
 
 Stochastic depth: the per-sample coins of ``DropPath`` are drawn *outside* the blocks
 (:func:`draw_drop_path_coins`, in the order the reference's separate student passes draw them),
@@ -47,6 +51,77 @@ ALL_ATTN_BACKENDS = ("sdpa", "math", "xformers", "flex", "varlen")
 
 
 # ---------------------------------------------------------------------------------- back ends
+# Eager flex_attention is PyTorch's reference implementation: it materialises the scores of the
+# whole packed stream, heads × R × R in fp32 (ViT-S, B = 128, recipe crops: R ≈ 97,800 tokens,
+# 6 · 97,800² · 4 B ≈ 229 GB). On CUDA this module therefore always runs the compiled kernel
+# with a compiled (sparse) block mask; eager flex (the CPU) refuses streams longer than this.
+FLEX_EAGER_MAX_TOKENS = 16_384
+
+# flash attention (varlen) takes 16-bit q/k/v only
+VARLEN_PRECISIONS = ("bf16", "fp16")
+
+
+def attn_backend_flag_errors(attn_backend: str, precision: Optional[str],
+                             device_type: str) -> list:
+    """What is wrong with ``--attn_backend`` for a run on ``device_type`` ("cpu" or "cuda")
+    at ``--precision`` (the resolved value; None skips the precision rule): one message per
+    problem, naming the flags and the fix; ``[]`` when the combination can train.
+
+    Pure flag logic, cheap enough for argument parsing; :func:`check_attn_backend` adds what
+    only the installed packages can tell (imports, xformers' compiled ops).
+    """
+    if attn_backend not in ALL_ATTN_BACKENDS:
+        return [f"unknown attn_backend {attn_backend!r} (--attn_backend); choose one of "
+                f"{', '.join(ALL_ATTN_BACKENDS)}"]
+    errors = []
+    on_cpu = device_type != "cuda"
+    if attn_backend == "xformers" and on_cpu:
+        errors.append("--attn_backend xformers has no CPU attention kernels; use "
+                      "--attn_backend sdpa on the CPU (or --device cuda)")
+    if attn_backend == "flex" and on_cpu:
+        errors.append("--attn_backend flex: torch has no flex_attention backward on the CPU; "
+                      "use --attn_backend sdpa on the CPU (flex is for CUDA)")
+    if attn_backend == "varlen":
+        if on_cpu:
+            errors.append("--attn_backend varlen runs flash attention, which needs a CUDA "
+                          "device; use --attn_backend sdpa on the CPU")
+        if precision is not None and precision not in VARLEN_PRECISIONS:
+            errors.append(f"--attn_backend varlen runs flash attention, which takes bf16/fp16 "
+                          f"inputs only, and --precision {precision} feeds it {precision}; use "
+                          f"--precision bf16 (or fp16), or --attn_backend sdpa / flex for "
+                          f"{precision}")
+    return errors
+
+
+def _cuda_version_text(v) -> str:
+    """xformers' build metadata writes CUDA 12.8 as 1208."""
+    if isinstance(v, int) and v > 100:
+        return f"{v // 100}.{v % 100}"
+    return str(v)
+
+
+def _xformers_build_text() -> str:
+    """Which torch / CUDA the installed xformers wheel was built for, as far as it says."""
+    try:
+        import xformers
+        from xformers import _cpp_lib
+    except Exception:  # noqa: BLE001 -- a description, never a reason to fail
+        return "its build information is not readable"
+    info = getattr(_cpp_lib, "_build_metadata", None)
+    if info is None:  # a failed load keeps the metadata on the exception
+        info = getattr(getattr(_cpp_lib, "_cpp_library_load_exception", None), "build_info",
+                       None)
+    version = getattr(xformers, "__version__", "?")
+    if info is None:
+        return f"xformers {version} does not say which torch/CUDA it was built for"
+    return (f"xformers {version} was built for torch {getattr(info, 'torch_version', '?')} "
+            f"with CUDA {_cuda_version_text(getattr(info, 'cuda_version', '?'))}")
+
+
+def _here_text() -> str:
+    return f"this is torch {torch.__version__} with CUDA {torch.version.cuda}"
+
+
 def _xformers_ops():
     try:
         import xformers.ops as xops
@@ -57,37 +132,61 @@ def _xformers_ops():
     return xops
 
 
-def check_attn_backend(name: str, device, training: bool = True) -> str:
-    """Validate that back end ``name`` can run on ``device`` (for training when ``training``).
+def check_xformers_ops(device) -> None:
+    """Raise ValueError unless xformers' compiled attention ops load and run on ``device``.
 
-    Raises ValueError naming what is missing and what to use instead.
+    A wheel built for another torch or CUDA imports fine and fails at the first attention call
+    (e.g. ``libcudart.so.12`` missing under CUDA 13), so this runs one tiny block-diagonal
+    attention; the message says which torch/CUDA the wheel was built for.
     """
-    if name not in ALL_ATTN_BACKENDS:
-        raise ValueError(f"unknown attn_backend {name!r}; valid: {', '.join(ALL_ATTN_BACKENDS)}")
+    xops = _xformers_ops()
+    try:
+        from xformers import _cpp_lib
+        load_error = getattr(_cpp_lib, "_cpp_library_load_exception", None)
+    except Exception as err:  # noqa: BLE001
+        load_error = err
+    if load_error is not None:
+        first = str(load_error).strip().splitlines()[0] if str(load_error).strip() else \
+            type(load_error).__name__
+        raise ValueError(f"--attn_backend xformers: its C++/CUDA ops do not load ({first}); "
+                         f"{_xformers_build_text()}, {_here_text()}: install the xformers "
+                         f"build for this torch or use --attn_backend sdpa") from None
+    try:
+        q = torch.zeros(1, 16, 1, 8, device=device, dtype=torch.bfloat16)
+        bias = xops.fmha.BlockDiagonalMask.from_seqlens([8, 8])
+        xops.memory_efficient_attention(q, q, q, attn_bias=bias)
+    except Exception as err:  # noqa: BLE001 -- any failure of the ops is the message
+        raise ValueError(f"--attn_backend xformers: its attention ops fail on {device} "
+                         f"({type(err).__name__}: {str(err).strip()[:300]}); "
+                         f"{_xformers_build_text()}, {_here_text()}: install the xformers "
+                         f"build for this torch or use --attn_backend sdpa") from None
+
+
+def check_attn_backend(name: str, device, training: bool = True,
+                       precision: Optional[str] = None) -> str:
+    """Validate that back end ``name`` can run on ``device`` (for training when ``training``;
+    at ``precision`` when given): the rules of :func:`attn_backend_flag_errors`, then what the
+    installed packages provide. Raises ValueError naming what is missing and the fix."""
     dev = torch.device(device)
+    errors = attn_backend_flag_errors(name, precision, dev.type)
+    if name == "flex" and not training:  # the forward runs on the CPU (eager, short streams)
+        errors = [e for e in errors if "flex_attention backward" not in e]
+    if errors:
+        raise ValueError("; ".join(errors))
     if name == "xformers":
-        _xformers_ops()
-        if dev.type != "cuda":
-            raise ValueError("--attn_backend xformers: xformers has no CPU attention kernels; "
-                             "use --attn_backend sdpa on the CPU")
+        check_xformers_ops(dev)
     elif name == "flex":
         try:
             from torch.nn.attention import flex_attention  # noqa: F401
         except ImportError as err:
             raise ValueError(f"--attn_backend flex needs torch.nn.attention.flex_attention "
                              f"(torch >= 2.5): {err}; use --attn_backend sdpa") from None
-        if dev.type == "cpu" and training:
-            raise ValueError("--attn_backend flex: this torch has no flex_attention backward "
-                             "on the CPU; use --attn_backend sdpa (flex is for CUDA)")
     elif name == "varlen":
         try:
             from torch.nn.attention import varlen  # noqa: F401
         except ImportError as err:
             raise ValueError(f"--attn_backend varlen needs torch.nn.attention.varlen "
                              f"(torch >= 2.9): {err}; use --attn_backend sdpa") from None
-        if dev.type != "cuda":
-            raise ValueError("--attn_backend varlen runs flash attention, which needs a CUDA "
-                             "device; use --attn_backend sdpa on the CPU")
     return name
 
 
@@ -105,23 +204,63 @@ def _xformers_bias(layout: Layout):
     return xops.fmha.BlockDiagonalMask.from_seqlens(seqlens)
 
 
+def flex_runs_compiled(device) -> bool:
+    """Whether flex attention on ``device`` runs compiled (kernel and block mask): on every
+    accelerator; on the CPU it runs eagerly (short streams only, forward only)."""
+    return torch.device(device).type != "cpu"
+
+
+def check_flex_tokens(n_tokens: int, device) -> None:
+    """Refuse an eager flex stream whose dense scores would not fit (see FLEX_EAGER_MAX_TOKENS)."""
+    if not flex_runs_compiled(device) and n_tokens > FLEX_EAGER_MAX_TOKENS:
+        raise ValueError(f"--attn_backend flex: eager flex_attention (on {device}) "
+                         f"materialises heads x {n_tokens} x {n_tokens} scores; it runs "
+                         f"streams of at most {FLEX_EAGER_MAX_TOKENS} packed tokens. Run flex "
+                         f"on CUDA (compiled), or use --attn_backend sdpa")
+
+
 _FLEX_CACHE: dict = {}
 
 
-def _flex_block_mask(layout: Layout, device):
-    key = (layout, str(device))
-    if key not in _FLEX_CACHE:
-        from torch.nn.attention.flex_attention import create_block_mask
-        lens = torch.tensor([t for b, t in layout for _ in range(b)], device=device)
-        seq_id = torch.arange(lens.numel(), device=device).repeat_interleave(lens)  # [R]
-        total = seq_id.numel()
+@torch.compiler.disable  # built once per layout, outside any graph (see flex_block_mask)
+def _build_flex_block_mask(layout: Layout, device):
+    from torch.nn.attention import flex_attention as fa
+    lens = torch.tensor([t for b, t in layout for _ in range(b)], device=device)
+    seq_id = torch.arange(lens.numel(), device=device).repeat_interleave(lens)  # [R]
+    total = seq_id.numel()
 
-        def same_sequence(b, h, q, kv):  # the document mask: attend within one crop only
-            return seq_id[q] == seq_id[kv]
+    def same_sequence(b, h, q, kv):  # the document mask: attend within one crop only
+        return seq_id[q] == seq_id[kv]
 
-        _FLEX_CACHE[key] = create_block_mask(same_sequence, None, None, total, total,
-                                             device=device)
-    return _FLEX_CACHE[key]
+    # _compile=True: built block by block (sparse), never as a dense R x R mask
+    mask = fa.create_block_mask(same_sequence, None, None, total, total, device=device,
+                                _compile=flex_runs_compiled(device))
+    _FLEX_CACHE[(layout, str(device))] = mask
+    return mask
+
+
+def flex_block_mask(layout: Layout, device):
+    """The document mask of a packed layout, cached per (layout, device).
+
+    Call it once before a compiled region (e.g. a compiled step) for each layout: a mask found
+    in the cache is a constant of the graph; a missing one is built outside the graph (a graph
+    break, once)."""
+    mask = _FLEX_CACHE.get((layout, str(device)))
+    return mask if mask is not None else _build_flex_block_mask(layout, device)
+
+
+_COMPILED_FLEX: list = []
+
+
+def _flex_attention_fn(device):
+    """flex_attention compiled on accelerators (inside a compiled region: the plain op, which
+    the enclosing compile lowers to the same kernel), eager on the CPU."""
+    from torch.nn.attention import flex_attention as fa
+    if torch.compiler.is_compiling() or not flex_runs_compiled(device):
+        return fa.flex_attention
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(fa.flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0]
 
 
 def _cu_seqlens(layout: Layout, device):
@@ -160,13 +299,18 @@ def packed_attention(qkv: torch.Tensor, layout: Layout, num_heads: int, scale: f
                                             scale=scale)
         return o.reshape(R, D)
     if backend == "flex":
-        from torch.nn.attention.flex_attention import flex_attention
+        check_flex_tokens(R, qkv.device)
         # [R, 3, nh, dh] -> [3, 1, nh, R, dh]
         q, k, v = qkv.view(R, 3, num_heads, dh).permute(1, 2, 0, 3).unsqueeze(1).unbind(0)
-        o = flex_attention(q, k, v, block_mask=_flex_block_mask(layout, qkv.device),
-                           scale=scale)
+        o = _flex_attention_fn(qkv.device)(q, k, v,
+                                           block_mask=flex_block_mask(layout, qkv.device),
+                                           scale=scale)
         return o[0].transpose(0, 1).reshape(R, D)  # [nh, R, dh] -> [R, D]
     if backend == "varlen":
+        if qkv.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"--attn_backend varlen runs flash attention, which takes bf16/"
+                             f"fp16 inputs only, got {qkv.dtype}: use --precision bf16 (or "
+                             f"fp16), or --attn_backend sdpa")
         from torch.nn.attention.varlen import varlen_attn
         q, k, v = qkv.view(R, 3, num_heads, dh).unbind(1)  # each [R, nh, dh]
         cu, max_t = _cu_seqlens(layout, qkv.device)
@@ -220,10 +364,6 @@ def draw_subsets(blocks: Sequence[nn.Module], group_sizes: Sequence[int], device
         out.append([[torch.randperm(b, device=device)[:max(1, b - int(p * b))].sort().values
                      for b in group_sizes] for _ in range(2)])
     return out
-
-
-def subset_layout(layout: Layout, p: float) -> Layout:
-    return tuple((max(1, b - int(p * b)), t) for b, t in layout)
 
 
 # ------------------------------------------------------------------------------ the block
@@ -317,15 +457,7 @@ def cls_rows(layout: Layout, device) -> torch.Tensor:
     return idx[0] if len(idx) == 1 else torch.cat(idx)
 
 
-def layout_tokens(layout: Layout) -> int:
-    return sum(b * t for b, t in layout)
-
-
-def attention_flops(layout: Layout, dim: int) -> int:
-    """Matmul FLOPs of q kᵀ and (attn) v of one forward over a layout."""
-    return sum(4 * b * t * t * dim for b, t in layout)
-
-
-__all__ = ["ALL_ATTN_BACKENDS", "PackedBlock", "attention_flops", "check_attn_backend",
-           "cls_rows", "draw_drop_path_coins", "draw_subsets", "layout_tokens",
-           "packed_attention", "prepare_groups", "subset_layout"]
+__all__ = ["ALL_ATTN_BACKENDS", "FLEX_EAGER_MAX_TOKENS", "PackedBlock",
+           "attn_backend_flag_errors", "check_attn_backend", "check_flex_tokens",
+           "check_xformers_ops", "cls_rows", "draw_drop_path_coins", "draw_subsets",
+           "flex_block_mask", "flex_runs_compiled", "packed_attention", "prepare_groups"]
