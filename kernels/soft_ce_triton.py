@@ -1,7 +1,7 @@
 r"""Triton kernels of ``soft_ce``: weighted, centred, temperature-scaled soft-target cross-entropy.
 
 The op (the maths; the autograd wrappers, checks and the torch fallback are in
-``ibot_fast/fused_loss.py``). Student rows ``i < M``, each with ``P`` partner teacher rows
+``soft_ce.py`` in this package). Student rows ``i < M``, each with ``P`` partner teacher rows
 ``j = partner[i, p]`` and weights ``w[i, p]`` (``w = 0``: no pair; the partner is never read)::
 
     s~_i   = s_i / tau_s                        lse_i   = logsumexp_k s~_ik
@@ -137,7 +137,7 @@ def soft_ce_fwd(student_MK: torch.Tensor, teacher_TK: torch.Tensor, partner_MP: 
                 weight_MP: torch.Tensor, center_K: torch.Tensor, tau_s: float,
                 tau_t: float, block_k: int | None = None, num_warps: int | None = None,
                 grad_out: torch.Tensor | None = None):
-    """Launch the forward kernel. Inputs are already checked (``fused_loss._check_core``).
+    """Launch the forward kernel. Inputs are already checked (``soft_ce._check_core``).
 
     ``grad_out``: where to write the gradient (``inplace_grad``: the student tensor itself,
     contiguous). Aliasing the student is safe: a program owns one row and, in pass 2, reads

@@ -12,6 +12,7 @@ fp32 and on tiny shapes: the interpreter is slow. Block and chunk sizes are forc
 not a multiple of the block and the rows not a multiple of the chunk.
 """
 import os
+import sys
 
 import pytest
 import torch
@@ -47,6 +48,9 @@ def _interpreter_tests_need_the_interpreter(request):
 def small_blocks(monkeypatch):
     """Several K blocks (Triton) and several row chunks (torch) even at tiny shapes."""
     monkeypatch.setattr(fl, "_default_chunk_rows", lambda K: 5)
+    # the op's torch back end reads its own module's default
+    monkeypatch.setattr(sys.modules["ibot_fast.kernels.soft_ce"], "_default_chunk_rows",
+                        lambda K: 5)
     try:
         import ibot_fast.kernels.soft_ce_triton as ks
     except ImportError:  # pragma: no cover - triton missing: torch back end only
