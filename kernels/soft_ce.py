@@ -17,6 +17,9 @@ Back ends (``backend=``):
 
 * ``"triton"`` -- the kernels of ``soft_ce_triton`` in this package (CUDA; on the CPU only under
   ``TRITON_INTERPRET=1``, fp32, for tests). fp32 math inside for fp32/fp16/bf16 inputs.
+  Temperatures reach the kernels as device scalars and the kernels are ``torch.library``
+  ops (``triton_op``): a ``torch.compile``-d step traces them without a graph break or a
+  host sync.
 * ``"torch"`` -- chunked PyTorch: only rows with a live pair are computed, ``chunk_rows`` at a
   time, so extra memory is the gradient plus a few ``[chunk_rows, K]`` temporaries. fp32 math
   for fp32/fp16/bf16 inputs, fp64 for fp64 inputs. Selecting the live rows is a ``nonzero``
@@ -27,6 +30,7 @@ Back ends (``backend=``):
 ``z`` and the weight-normed last-layer weights ``W`` (logits ``z W^T``) and returns the same
 loss, with gradients for ``z_s`` and ``W_s``; the logits are never materialised beyond a tile
 (Triton) or a chunk (torch). The teacher's inputs never receive gradients.
+Its Triton back end needs bf16/fp16 inputs on CUDA (``linear_backend``).
 
 The centre statistic is a column sum of the teacher logits: ``teacher_col_sum`` (one
 bandwidth-bound ``torch.sum`` with fp32 accumulation, no upcast copy; for the linear variant
@@ -39,7 +43,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["soft_ce", "soft_ce_linear", "teacher_col_sum", "resolve_backend", "BACKENDS"]
+__all__ = ["soft_ce", "soft_ce_linear", "teacher_col_sum", "resolve_backend", "linear_backend",
+           "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -270,12 +275,13 @@ class _SoftCE(torch.autograd.Function):
         grad_out = student_MK.detach() if opts.get("inplace_grad") and need_grad else None
         if backend == "triton":
             from .soft_ce_triton import soft_ce_fwd
-            # launch arguments: a tensor temperature is read back here (one sync)
-            loss_M, grad = soft_ce_fwd(student_MK, teacher_TK, partner_MP, weight_MP, center_K,
-                                       float(student_temp), float(teacher_temp),
-                                       block_k=opts.get("block_k"), grad_out=grad_out)
-            if grad_out is not None:  # a kernel's write is invisible to autograd: bump by hand
-                torch.autograd.graph.increment_version(grad_out)
+            # temperatures go to the kernel as device scalars (no .item(), no graph break);
+            # the in-place variant is an op that declares its mutation, so autograd's
+            # version counter of the student is bumped by the dispatcher
+            loss_M, grad = soft_ce_fwd(student_MK if grad_out is None else grad_out, teacher_TK,
+                                       partner_MP, weight_MP, center_K, student_temp,
+                                       teacher_temp, block_k=opts.get("block_k"),
+                                       inplace=grad_out is not None)
             loss = loss_M.sum()
         else:
             loss, grad = _soft_ce_torch(student_MK, teacher_TK, partner_MP, weight_MP,
@@ -302,14 +308,17 @@ class _SoftCELinear(torch.autograd.Function):
     def forward(ctx, zs_MD, ws_KD, zt_TD, wt_KD, partner_MP, weight_MP, center_K, student_temp,
                 teacher_temp, backend, opts):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ctx.dtypes = (zs_MD.dtype, ws_KD.dtype)  # gradients go back in the inputs' own dtypes
+        half = [t.dtype for t in (zs_MD, ws_KD, zt_TD, wt_KD)
+                if t.dtype in (torch.float16, torch.bfloat16)]
+        if half:  # one dtype for the four inputs, every back end (soft_ce_linear: Precision)
+            zs_MD, ws_KD, zt_TD, wt_KD = (t.to(half[0]) for t in (zs_MD, ws_KD, zt_TD, wt_KD))
         if backend == "triton":
             from .soft_ce_triton import soft_ce_linear_fwd
             loss_M, dzs, dws = soft_ce_linear_fwd(
                 zs_MD, ws_KD, zt_TD, wt_KD, partner_MP, weight_MP, center_K,
-                # launch arguments: a tensor temperature is read back here (one sync)
-                1.0 / float(student_temp), 1.0 / float(teacher_temp),
-                block_m=opts.get("block_m", 32),
-                block_k=opts.get("block_k"))
+                student_temp, teacher_temp,  # device scalars for the kernels, never read back
+                block_m=opts.get("block_m"), block_k=opts.get("block_k"))
             loss = loss_M.sum()
         else:
             loss, dzs, dws = _soft_ce_linear_torch(zs_MD, ws_KD, zt_TD, wt_KD, partner_MP,
@@ -317,7 +326,6 @@ class _SoftCELinear(torch.autograd.Function):
                                                    teacher_temp, need_grad,
                                                    opts.get("chunk_rows"))
         ctx.grads = (dzs, dws) if need_grad else (None, None)
-        ctx.dtypes = (zs_MD.dtype, ws_KD.dtype)
         ctx.used = False
         return loss
 
@@ -348,8 +356,8 @@ def soft_ce(student_MK: torch.Tensor, teacher_TK: torch.Tensor, partner_MP: torc
     weight_MP: [M, P] weights; 0 = no pair.
     center_K: the teacher centre, K elements (subtracted before dividing by teacher_temp).
     student_temp, teacher_temp: > 0; a 1-element tensor is taken as it is (not checked, no
-        sync; the Triton back end reads it back): a compiled step passes the per-epoch
-        teacher temperature that way so a new value is not a recompile.
+        sync; the Triton kernels load it from device memory): a compiled step passes the
+        per-epoch teacher temperature that way so a new value is not a recompile.
     check_finite: raise ValueError on NaN/Inf in teacher_TK, center_K or weight_MP (syncs).
     chunk_rows (torch) / block_k (triton): tuning knobs; tests use small ones.
     inplace_grad: **the student logits tensor is overwritten by its gradient** during the
@@ -391,10 +399,29 @@ def _check_inplace(name: str, student: torch.Tensor, teacher: Optional[torch.Ten
                          f"written into its storage row by row), got strides "
                          f"{tuple(student.stride())}; call .contiguous() or use "
                          f"inplace_grad=False")
+    # storage pointers cannot be traced by dynamo: checked in eager calls only
     if teacher is not None and student.numel() and teacher.numel() and \
+            not torch.compiler.is_compiling() and \
             student.untyped_storage().data_ptr() == teacher.untyped_storage().data_ptr():
         raise ValueError(f"{name}: inplace_grad=True but the teacher logits share the student's "
                          f"storage (they would be overwritten while read)")
+
+
+def linear_backend(requested: str, resolved: str, *inputs: torch.Tensor) -> str:
+    """The back end of ``soft_ce_linear``: ``resolved`` (``resolve_backend``'s choice) unless
+    it is a compiled Triton launch on fp32 inputs (none of the four is bf16/fp16). Its dots
+    run in TF32 and exact fp32 products do not fit the H200's registers at D = 256
+    (``soft_ce_triton.soft_ce_linear_config``), so ``"auto"`` takes the torch back end there
+    (chunked fp32 matmuls) and an explicit ``"triton"`` is refused."""
+    half = any(t.dtype in (torch.float16, torch.bfloat16) for t in inputs)
+    if resolved != "triton" or half or not inputs[0].is_cuda:
+        return resolved
+    if requested == "auto":
+        return "torch"
+    raise ValueError("soft_ce_linear: backend='triton' runs its dots in TF32 and needs bf16/fp16 "
+                     "inputs on CUDA (exact fp32 products spill registers at D = 256); got "
+                     "fp32 z and W. Use backend='auto' or 'torch' (chunked fp32 matmuls), or "
+                     "bf16 inputs (e.g. --precision bf16)")
 
 
 def soft_ce_linear(zs_MD: torch.Tensor, ws_KD: torch.Tensor, zt_TD: torch.Tensor,
@@ -402,12 +429,21 @@ def soft_ce_linear(zs_MD: torch.Tensor, ws_KD: torch.Tensor, zt_TD: torch.Tensor
                    center_K: torch.Tensor, student_temp: float, teacher_temp: float, *,
                    backend: str = "auto", check_finite: bool = False,
                    chunk_rows: Optional[int] = None, block_k: Optional[int] = None,
-                   block_m: int = 32) -> torch.Tensor:
+                   block_m: Optional[int] = None) -> torch.Tensor:
     """``soft_ce(zs_MD @ ws_KD.T, zt_TD @ wt_KD.T, ...)`` without materialising the logits.
 
     zs_MD: student bottleneck vectors (L2-normalised) [M, D]; gets a gradient.
     ws_KD: student last-layer weight (weight-normed) [K, D]; gets a gradient.
     zt_TD, wt_KD: the teacher's [T, D] and [K, D] (no gradients).
+    block_m, block_k (triton): tile overrides for tests; by default
+        ``soft_ce_triton.soft_ce_linear_config`` picks the tiles per shape (they fit the
+        H200's shared memory at D = 256).
+    Precision: when any of the four inputs is bf16/fp16, all four are taken in that dtype
+        (an fp32 weight meets bf16 ``z`` in bf16, as ``F.linear`` under autocast computes the
+        reference's logits), on every back end; the maths from there is fp32 (exact products,
+        fp32 accumulation); gradients are fp32 until cast to each input's own dtype. fp32
+        inputs on CUDA take the torch back end under ``"auto"`` and are refused by
+        ``"triton"`` (``linear_backend``): the Triton kernels' dots are TF32.
     Other arguments as in ``soft_ce``.
     """
     _check_float("zs_MD", zs_MD, 2)
@@ -431,7 +467,8 @@ def soft_ce_linear(zs_MD: torch.Tensor, ws_KD: torch.Tensor, zt_TD: torch.Tensor
         _check_finite("zt_TD", zt_TD)
         _check_finite("wt_KD", wt_KD)
         _check_finite("center_K", center_K)
-    be = resolve_backend(backend, zs_MD, ws_KD, zt_TD, wt_KD, center_K)
+    be = linear_backend(backend, resolve_backend(backend, zs_MD, ws_KD, zt_TD, wt_KD, center_K),
+                        zs_MD, ws_KD, zt_TD, wt_KD)
     with torch.autocast(zs_MD.device.type, enabled=False):
         return _SoftCELinear.apply(zs_MD, ws_KD, zt_TD.detach(), wt_KD.detach(), partner_MP,
                                    weight_MP, center_K.detach(), _temp(student_temp),

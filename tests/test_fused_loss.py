@@ -632,6 +632,9 @@ def test_gpu_soft_ce_linear_triton_matches_torch():
     partner = torch.randint(0, T, (M, 2), device="cuda")
     weight = torch.rand(M, 2, device="cuda") / M
     c = torch.randn(K, device="cuda") * 0.01
+    # the Triton back end takes bf16/fp16 inputs on CUDA (fp32: torch, see linear_backend);
+    # both back ends see the same bf16 values and compute in fp32 from them
+    zs, zt = zs.bfloat16(), zt.bfloat16()
     grads = {}
     for be in ("torch", "triton"):
         x, y = zs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
@@ -640,3 +643,6 @@ def test_gpu_soft_ce_linear_triton_matches_torch():
         grads[be] = (loss, x.grad, y.grad)
     for a, e in zip(grads["triton"], grads["torch"]):
         assert rel_err(a, e) < 1e-4
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        soft_ce_linear(zs.float(), ws, zt.float(), wt, partner, weight, c, 0.1, 0.04,
+                       backend="triton")
