@@ -1,7 +1,7 @@
 r"""Triton kernels of ``soft_ce``: weighted, centred, temperature-scaled soft-target cross-entropy.
 
 The op (the maths; the autograd wrappers, checks and the torch fallback are in
-``ibot_fast/fused_loss.py``). Student rows ``i < M``, each with ``P`` partner teacher rows
+``soft_ce.py`` in this package). Student rows ``i < M``, each with ``P`` partner teacher rows
 ``j = partner[i, p]`` and weights ``w[i, p]`` (``w = 0``: no pair; the partner is never read)::
 
     s~_i   = s_i / tau_s                        lse_i   = logsumexp_k s~_ik
@@ -40,7 +40,17 @@ teacher and student logsumexps (one pass per partner and one for the student), t
 Pointers/strides: every 2-D input has unit column stride (the launchers make inputs contiguous
 in K); row strides are passed explicitly. Constexprs: ``P`` (partners), ``P_PAD``
 (next power of two), ``BLOCK_K``, and for the linear variant ``BLOCK_M``, ``BLOCK_D`` (>= D,
-a power of two) and ``DOT_PRECISION`` ("ieee" for fp32 inputs so no TF32 rounding enters).
+a power of two) and ``DOT_PRECISION`` (``soft_ce_linear_config``).
+
+Temperatures: ``tau_s_ptr`` / ``tau_t_ptr`` point at one fp32 each, so a temperature held in a
+tensor (the compiled step's per-epoch teacher temperature) never goes through the host.
+
+Launches: ``soft_ce_fwd_config`` and ``soft_ce_linear_config`` pick the launch parameters per
+shape and dtype; ``tests/test_kernels_sm90.py`` compiles what they pick at the iBOT shapes for
+sm_90 (shared memory, registers, spills). The launchers call the kernels through
+``torch.library.triton_op`` ops (``ibot_fast::soft_ce_fwd``, ``ibot_fast::soft_ce_fwd_inplace``,
+``ibot_fast::soft_ce_linear_fwd``) and ``wrap_triton``: ``torch.compile`` traces them as ops
+(no graph break) and inductor sees the kernels.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) only fp32 is exact; libdevice is not used here.
 """
@@ -50,7 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["soft_ce_fwd", "soft_ce_linear_fwd", "default_block_k"]
+__all__ = ["soft_ce_fwd", "soft_ce_linear_fwd", "default_block_k", "soft_ce_fwd_config",
+           "soft_ce_linear_config", "linear_tile_dtype"]
 
 
 def default_block_k(K: int) -> int:
@@ -66,10 +77,13 @@ def _soft_ce_fwd_kernel(
     c_ptr,                      # centre [K] fp32
     g_ptr, g_row_stride,        # out: d loss / d student logits [M, K], student dtype
     loss_ptr,                   # out: [M] fp32 weighted loss of each student row
-    K, tau_s, tau_t,
+    K,
+    tau_s_ptr, tau_t_ptr,       # the temperatures, one fp32 each (device scalars: no host sync)
     P: tl.constexpr, P_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride may pass 2**31
+    tau_s = tl.load(tau_s_ptr)
+    tau_t = tl.load(tau_t_ptr)
     offs_p = tl.arange(0, P_PAD)
     in_p = offs_p < P
     w_P = tl.load(weight_ptr + row * P + offs_p, mask=in_p, other=0.0).to(tl.float32)
@@ -133,37 +147,118 @@ def _soft_ce_fwd_kernel(
     tl.store(loss_ptr + row, tl.sum(acc, axis=0))
 
 
-def soft_ce_fwd(student_MK: torch.Tensor, teacher_TK: torch.Tensor, partner_MP: torch.Tensor,
-                weight_MP: torch.Tensor, center_K: torch.Tensor, tau_s: float,
-                tau_t: float, block_k: int | None = None, num_warps: int | None = None,
-                grad_out: torch.Tensor | None = None):
-    """Launch the forward kernel. Inputs are already checked (``fused_loss._check_core``).
+def soft_ce_fwd_config(K: int, P: int) -> dict:
+    """Launch parameters of ``_soft_ce_fwd_kernel``: ``BLOCK_K`` and ``num_warps``.
 
-    ``grad_out``: where to write the gradient (``inplace_grad``: the student tensor itself,
-    contiguous). Aliasing the student is safe: a program owns one row and, in pass 2, reads
-    each block of it before writing that block's gradient; rows without a pair only write.
+    One program per student row keeps a ``[P_PAD, BLOCK_K]`` teacher tile and a few
+    ``[BLOCK_K]`` vectors in registers, no shared-memory staging: at K = 8192, P <= 2, 8 warps,
+    sm_90 needs 32 B of shared memory, ~40 registers, no spills (``tests/test_kernels_sm90.py``
+    checks every configuration this returns at the iBOT shapes)."""
+    block_k = default_block_k(K)
+    return dict(block_k=block_k, num_warps=8 if block_k >= 1024 else 4)
+
+
+def _as_scalar(v, device) -> torch.Tensor:
+    """A temperature as the kernels read it: one fp32 on the tensors' device. A Python float
+    becomes a fill (no sync); a tensor is reshaped/cast on the device, never read back."""
+    if torch.is_tensor(v):
+        return v.reshape(1).to(device=device, dtype=torch.float32)
+    return torch.full((1,), float(v), dtype=torch.float32, device=device)
+
+
+def _launch(kernel, grid, *args, **meta):
+    """Launch ``kernel`` from inside a ``torch.library.triton_op``: wrapped by ``wrap_triton``
+    (so ``torch.compile`` sees the kernel, no graph break) when triton compiles it; called
+    directly under ``TRITON_INTERPRET=1``, where the kernel is an interpreter object that
+    ``wrap_triton`` cannot trace. The interpreter needs real tensors: with fake tensors (shape
+    propagation while dynamo traces) the launch is skipped -- the op's outputs are allocated
+    by the caller -- and inside AOT functionalisation it is refused, since the graph would
+    lose the kernel."""
+    if isinstance(kernel, triton.runtime.jit.JITFunction):
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
+        return
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    tensors = [a for a in args if torch.is_tensor(a)]
+    if any(isinstance(a, FunctionalTensor) for a in tensors):
+        raise RuntimeError("the Triton interpreter (TRITON_INTERPRET=1) cannot run inside an "
+                           "AOT-compiled graph; compile with backend='eager' or use the "
+                           "'torch' back end of soft_ce on the CPU")
+    if any(is_fake(a) for a in tensors):
+        return
+    kernel[grid](*args, **meta)
+
+
+def _fwd_args(student_MK, teacher_TK, partner_MP, weight_MP, center_K, grad_MK, loss_M,
+              tau_s, tau_t, block_k, num_warps):
+    M, K = student_MK.shape
+    P = partner_MP.shape[1]
+    return ((M,), student_MK, student_MK.stride(0), teacher_TK, teacher_TK.stride(0),
+            partner_MP, weight_MP, center_K, grad_MK, grad_MK.stride(0), loss_M, K, tau_s,
+            tau_t), dict(P=P, P_PAD=triton.next_power_of_2(P), BLOCK_K=block_k,
+                         num_warps=num_warps)
+
+
+@torch.library.triton_op("ibot_fast::soft_ce_fwd", mutates_args=())
+def _soft_ce_fwd_op(student_MK: torch.Tensor, teacher_TK: torch.Tensor,
+                    partner_MP: torch.Tensor, weight_MP: torch.Tensor, center_K: torch.Tensor,
+                    tau_s: torch.Tensor, tau_t: torch.Tensor, block_k: int,
+                    num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_M, grad_MK): the kernel as an op ``torch.compile`` can trace (no graph break)."""
+    grad_MK = torch.empty_like(student_MK, memory_format=torch.contiguous_format)
+    loss_M = torch.empty(student_MK.shape[0], device=student_MK.device, dtype=torch.float32)
+    (grid, *args), meta = _fwd_args(student_MK, teacher_TK, partner_MP, weight_MP, center_K,
+                                    grad_MK, loss_M, tau_s, tau_t, block_k, num_warps)
+    _launch(_soft_ce_fwd_kernel, grid, *args, **meta)
+    return loss_M, grad_MK
+
+
+@torch.library.triton_op("ibot_fast::soft_ce_fwd_inplace", mutates_args={"student_MK"})
+def _soft_ce_fwd_inplace_op(student_MK: torch.Tensor, teacher_TK: torch.Tensor,
+                            partner_MP: torch.Tensor, weight_MP: torch.Tensor,
+                            center_K: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor,
+                            block_k: int, num_warps: int) -> torch.Tensor:
+    """loss_M; the gradient overwrites ``student_MK`` (contiguous). Declared as a mutation,
+    so autograd's version counter of the student is bumped by the dispatcher."""
+    loss_M = torch.empty(student_MK.shape[0], device=student_MK.device, dtype=torch.float32)
+    (grid, *args), meta = _fwd_args(student_MK, teacher_TK, partner_MP, weight_MP, center_K,
+                                    student_MK, loss_M, tau_s, tau_t, block_k, num_warps)
+    _launch(_soft_ce_fwd_kernel, grid, *args, **meta)
+    return loss_M
+
+
+def soft_ce_fwd(student_MK: torch.Tensor, teacher_TK: torch.Tensor, partner_MP: torch.Tensor,
+                weight_MP: torch.Tensor, center_K: torch.Tensor, tau_s, tau_t,
+                block_k: int | None = None, num_warps: int | None = None,
+                inplace: bool = False):
+    """Launch the forward kernel. Inputs are already checked (``soft_ce._check_core``).
+
+    ``tau_s``, ``tau_t``: Python floats or 1-element tensors; they reach the kernel as device
+    scalars, never read back by the host. ``block_k`` / ``num_warps``: ``soft_ce_fwd_config``
+    unless given.
+
+    ``inplace`` (``inplace_grad``): write the gradient into ``student_MK`` itself (contiguous).
+    Aliasing the student is safe: a program owns one row and, in pass 2, reads each block of it
+    before writing that block's gradient; rows without a pair only write.
 
     Returns ``(loss_M fp32, grad_MK in the student's dtype)``."""
     M, K = student_MK.shape
-    P = partner_MP.shape[1]
-    student_MK = student_MK if student_MK.stride(-1) == 1 else student_MK.contiguous()
+    dev = student_MK.device
+    if not inplace:
+        student_MK = student_MK if student_MK.stride(-1) == 1 else student_MK.contiguous()
     teacher_TK = teacher_TK if teacher_TK.stride(-1) == 1 else teacher_TK.contiguous()
     partner_MP = partner_MP.contiguous()
     weight_MP = weight_MP.to(torch.float32).contiguous()
     center_K = center_K.reshape(-1).to(torch.float32).contiguous()
-    grad_MK = grad_out if grad_out is not None else \
-        torch.empty_like(student_MK, memory_format=torch.contiguous_format)
-    loss_M = torch.empty(M, device=student_MK.device, dtype=torch.float32)
+    cfg = soft_ce_fwd_config(K, partner_MP.shape[1])
+    args = (student_MK, teacher_TK, partner_MP, weight_MP, center_K, _as_scalar(tau_s, dev),
+            _as_scalar(tau_t, dev), block_k or cfg["block_k"], num_warps or cfg["num_warps"])
     if M == 0:
-        return loss_M, grad_MK
-    block_k = block_k or default_block_k(K)
-    _soft_ce_fwd_kernel[(M,)](
-        student_MK, student_MK.stride(0), teacher_TK, teacher_TK.stride(0),
-        partner_MP, weight_MP, center_K, grad_MK, grad_MK.stride(0), loss_M,
-        K, float(tau_s), float(tau_t),
-        P=P, P_PAD=triton.next_power_of_2(P), BLOCK_K=block_k,
-        num_warps=num_warps or (8 if block_k >= 1024 else 4))
-    return loss_M, grad_MK
+        return (torch.empty(0, device=dev, dtype=torch.float32),
+                student_MK if inplace else torch.empty_like(student_MK))
+    if inplace:
+        return torch.ops.ibot_fast.soft_ce_fwd_inplace(*args), student_MK
+    return torch.ops.ibot_fast.soft_ce_fwd(*args)
 
 
 # ---- fused-linear variant --------------------------------------------------------------------
@@ -172,6 +267,20 @@ def _weight_tile(w_ptr, w_row_stride, k, in_k, offs_d, in_d):
     """Rows k of a last-layer weight [K, D] as an fp32 [BLOCK_K, BLOCK_D] tile (0 outside)."""
     return tl.load(w_ptr + k[:, None].to(tl.int64) * w_row_stride + offs_d[None, :],
                    mask=in_k[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _grad_dot(acc, a, b, DOT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` where ``a`` is an fp32 gradient tile and ``b`` holds values exact in the
+    dot's input format (bf16/fp16 data under "tf32"). A TF32 dot would round ``a`` to a 10-bit
+    mantissa; split as ``a_hi + a_lo`` (``a_hi``: ``a`` with the 13 low mantissa bits cleared,
+    exact in TF32; ``a_lo = a - a_hi`` exact in fp32) two dots lose only ``a_lo``'s rounding,
+    about 2**-22 of ``a``: fp32-level gradients for one extra dot."""
+    if DOT_PRECISION == "tf32":
+        a_hi = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        acc = tl.dot(a_hi, b, acc, input_precision="tf32")
+        return tl.dot(a - a_hi, b, acc, input_precision="tf32")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -227,10 +336,13 @@ def _soft_ce_linear_fwd_kernel(
     dzs_ptr,                    # out: d loss / d z_s [M, D] fp32
     loss_ptr,                   # out: [M] fp32
     lse_s_ptr, lse_t_ptr,       # out: [M], [M, P] fp32 row statistics for the dW kernel
-    M, K, D, inv_tau_s, inv_tau_t,
+    M, K, D,
+    tau_s_ptr, tau_t_ptr,       # the temperatures, one fp32 each (device scalars: no host sync)
     P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    inv_tau_s = 1.0 / tl.load(tau_s_ptr)
+    inv_tau_t = 1.0 / tl.load(tau_t_ptr)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_m = rows < M
     offs_d = tl.arange(0, BLOCK_D)
@@ -290,7 +402,7 @@ def _soft_ce_linear_fwd_kernel(
         keep = in_k[None, :] & in_m[:, None]
         acc += tl.where(keep, q * neg_logp, 0.0)
         g = tl.where(keep, (w_sum[:, None] * tl.exp(-neg_logp) - q) * inv_tau_s, 0.0)
-        dzs += tl.dot(g, ws, input_precision=DOT_PRECISION)
+        dzs = _grad_dot(dzs, g, ws, DOT_PRECISION)
     tl.store(dzs_ptr + rows[:, None] * D + offs_d[None, :], dzs,
              mask=in_m[:, None] & in_d[None, :])
     tl.store(loss_ptr + rows, tl.sum(acc, axis=1), mask=in_m)
@@ -301,10 +413,13 @@ def _soft_ce_linear_dw_kernel(
     zs_ptr, zs_row_stride, ws_ptr, ws_row_stride, zt_ptr, zt_row_stride, wt_ptr, wt_row_stride,
     partner_ptr, weight_ptr, c_ptr, lse_s_ptr, lse_t_ptr,
     dws_ptr,                    # out: d loss / d W_s [K, D] fp32
-    M, K, D, inv_tau_s, inv_tau_t,
+    M, K, D,
+    tau_s_ptr, tau_t_ptr,       # the temperatures, one fp32 each
     P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    inv_tau_s = 1.0 / tl.load(tau_s_ptr)
+    inv_tau_t = 1.0 / tl.load(tau_t_ptr)
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     in_k = k < K
     offs_d = tl.arange(0, BLOCK_D)
@@ -324,46 +439,127 @@ def _soft_ce_linear_dw_kernel(
         w_sum = _row_weight_sum(weight_ptr, rows, in_m, P, BLOCK_M)
         keep = in_k[None, :] & in_m[:, None]
         g = tl.where(keep, (w_sum[:, None] * tl.exp(s - lse_s[:, None]) - q) * inv_tau_s, 0.0)
-        dws += tl.dot(tl.trans(g), zs, input_precision=DOT_PRECISION)
+        dws = _grad_dot(dws, tl.trans(g), zs, DOT_PRECISION)
     tl.store(dws_ptr + k[:, None].to(tl.int64) * D + offs_d[None, :], dws,
              mask=in_k[:, None] & in_d[None, :])
 
 
-def soft_ce_linear_fwd(zs_MD, ws_KD, zt_TD, wt_KD, partner_MP, weight_MP, center_K,
-                       inv_tau_s: float, inv_tau_t: float, block_m: int = 32,
-                       block_k: int | None = None, num_warps: int | None = None):
-    """Launch the fused-linear forward and dW kernels (inputs checked by the caller).
+def linear_tile_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the fused-linear kernels read all four inputs in: the half dtype if any input
+    is bf16/fp16 (so an fp32 last-layer weight meets bf16 bottleneck vectors in bf16, as
+    ``F.linear`` under autocast computes the reference's logits), else fp32."""
+    for t in tensors:
+        if t.dtype in (torch.bfloat16, torch.float16):
+            return t.dtype
+    return torch.float32
 
-    Returns ``(loss_M, dzs_MD, dws_KD)``, all fp32."""
+
+def _clamp_block(K: int, block: int) -> int:
+    return max(min(triton.next_power_of_2(K), block), 16)  # tl.dot: every tile dim >= 16
+
+
+def soft_ce_linear_config(M: int, K: int, D: int, P: int, dtype: torch.dtype) -> dict:
+    """Launch parameters of the fused-linear kernels: ``{"fwd": {...}, "dw": {...},
+    "tile_dtype": ...}``, each kernel's with ``BLOCK_M``, ``BLOCK_K``, ``BLOCK_D``,
+    ``DOT_PRECISION``, ``num_warps``, ``num_stages``; ``tile_dtype`` is the dtype the launcher
+    hands the kernels (the inputs' own: bf16/fp16 tiles are upcast after the load).
+
+    Shared memory bounds the tiles: each K step stages a ``[BLOCK_K, BLOCK_D]`` weight tile per
+    pipeline stage beside the ``[BLOCK_M, BLOCK_D]`` bottleneck rows. At D = 256 the former
+    32/128/256 tiles with 3 stages needed 607 KB (forward) and 345 KB (dW) against the H200's
+    232,448 B per block. ``BLOCK_K = 32`` (forward) and 16 (dW: its program also holds a
+    ``[BLOCK_K, BLOCK_D]`` accumulator and weight tile across its loop over row tiles), 2
+    stages and 8 warps fit with no register spills. ``tests/test_kernels_sm90.py`` compiles
+    every configuration this returns at the iBOT shapes for sm_90 and checks shared memory and
+    spills.
+
+    ``dtype`` is the tile dtype (``linear_tile_dtype``). ``DOT_PRECISION`` is ``"tf32"`` for
+    bf16/fp16 tiles: the products ``z W^T`` are exact (bf16/fp16 values are exact in TF32); the
+    fp32 gradient tiles ``g`` enter ``g W`` and ``g^T z`` split in two TF32 parts
+    (``_grad_dot``), so they lose ~2**-22 of their value, not TF32's 2**-11; logsumexps, loss
+    terms and every accumulation stay fp32. fp32 tiles get ``"ieee"`` (exact products), which only
+    the interpreter runs (CPU tests): compiled for sm_90 at D = 256, "ieee" and "tf32x3" dots
+    spill hundreds of bytes to kilobytes of registers and take minutes to compile, so the op
+    layer sends fp32 inputs on CUDA to its torch back end (``soft_ce.soft_ce_linear``).
+    """
+    block_d = max(triton.next_power_of_2(D), 16)
+    small_d = block_d <= 128
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    fwd = dict(BLOCK_M=32, BLOCK_K=_clamp_block(K, 64 if small_d else 32), BLOCK_D=block_d,
+               DOT_PRECISION=precision, num_warps=8, num_stages=2)
+    dw = dict(BLOCK_M=32, BLOCK_K=_clamp_block(K, 32 if small_d else 16), BLOCK_D=block_d,
+              DOT_PRECISION=precision, num_warps=8, num_stages=2)
+    return {"fwd": fwd, "dw": dw, "tile_dtype": dtype}
+
+
+def _linear_args(zs_MD, ws_KD, zt_TD, wt_KD, partner_MP, weight_MP, center_K):
+    return (zs_MD, zs_MD.stride(0), ws_KD, ws_KD.stride(0), zt_TD, zt_TD.stride(0), wt_KD,
+            wt_KD.stride(0), partner_MP, weight_MP, center_K)
+
+
+@torch.library.triton_op("ibot_fast::soft_ce_linear_fwd", mutates_args=())
+def _soft_ce_linear_op(zs_MD: torch.Tensor, ws_KD: torch.Tensor, zt_TD: torch.Tensor,
+                       wt_KD: torch.Tensor, partner_MP: torch.Tensor, weight_MP: torch.Tensor,
+                       center_K: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor,
+                       fwd_blocks: list[int], dw_blocks: list[int], fwd_launch: list[int],
+                       dw_launch: list[int],
+                       dot_precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_M, dzs_MD, dws_KD), fp32. ``*_blocks`` = (BLOCK_M, BLOCK_K, BLOCK_D),
+    ``*_launch`` = (num_warps, num_stages) of the forward and dW kernels."""
     M, D = zs_MD.shape
     K = ws_KD.shape[0]
     P = partner_MP.shape[1]
-    zs_MD, ws_KD, zt_TD, wt_KD = (x if x.stride(-1) == 1 else x.contiguous()
-                                  for x in (zs_MD, ws_KD, zt_TD, wt_KD))
-    partner_MP = partner_MP.contiguous()
-    weight_MP = weight_MP.to(torch.float32).contiguous()
-    center_K = center_K.reshape(-1).to(torch.float32).contiguous()
     dev = zs_MD.device
     loss_M = torch.empty(M, device=dev, dtype=torch.float32)
     dzs_MD = torch.empty(M, D, device=dev, dtype=torch.float32)
     dws_KD = torch.empty(K, D, device=dev, dtype=torch.float32)
     lse_s_M = torch.empty(M, device=dev, dtype=torch.float32)
     lse_t_MP = torch.empty(M, P, device=dev, dtype=torch.float32)
-    if M == 0:
-        return loss_M, dzs_MD, dws_KD.zero_()
-    block_k = block_k or min(triton.next_power_of_2(K), 128)
-    block_k = max(block_k, 16)  # tl.dot needs every tile dimension >= 16
-    block_m = max(block_m, 16)
-    block_d = max(triton.next_power_of_2(D), 16)
-    precision = "ieee" if zs_MD.dtype == torch.float32 else "tf32"
-    meta = dict(P=P, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d,
-                DOT_PRECISION=precision, num_warps=num_warps or 4)
-    common = (zs_MD, zs_MD.stride(0), ws_KD, ws_KD.stride(0), zt_TD, zt_TD.stride(0),
-              wt_KD, wt_KD.stride(0), partner_MP, weight_MP, center_K)
-    _soft_ce_linear_fwd_kernel[(triton.cdiv(M, block_m),)](
-        *common, dzs_MD, loss_M, lse_s_M, lse_t_MP, M, K, D, float(inv_tau_s),
-        float(inv_tau_t), **meta)
-    _soft_ce_linear_dw_kernel[(triton.cdiv(K, block_k),)](
-        *common, lse_s_M, lse_t_MP, dws_KD, M, K, D, float(inv_tau_s), float(inv_tau_t),
-        **meta)
+    common = _linear_args(zs_MD, ws_KD, zt_TD, wt_KD, partner_MP, weight_MP, center_K)
+    bm, bk, bd = fwd_blocks
+    _launch(_soft_ce_linear_fwd_kernel, (triton.cdiv(M, bm),), *common, dzs_MD, loss_M,
+            lse_s_M, lse_t_MP, M, K, D, tau_s, tau_t, P=P, BLOCK_M=bm, BLOCK_K=bk,
+            BLOCK_D=bd, DOT_PRECISION=dot_precision, num_warps=fwd_launch[0],
+            num_stages=fwd_launch[1])
+    bm, bk, bd = dw_blocks
+    _launch(_soft_ce_linear_dw_kernel, (triton.cdiv(K, bk),), *common, lse_s_M, lse_t_MP,
+            dws_KD, M, K, D, tau_s, tau_t, P=P, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd,
+            DOT_PRECISION=dot_precision, num_warps=dw_launch[0], num_stages=dw_launch[1])
     return loss_M, dzs_MD, dws_KD
+
+
+def soft_ce_linear_fwd(zs_MD, ws_KD, zt_TD, wt_KD, partner_MP, weight_MP, center_K,
+                       tau_s, tau_t, block_m: int | None = None, block_k: int | None = None,
+                       num_warps: int | None = None):
+    """Launch the fused-linear forward and dW kernels (inputs checked by the caller).
+
+    ``tau_s``, ``tau_t``: Python floats or 1-element tensors (device scalars for the kernels).
+    Launch parameters: ``soft_ce_linear_config``; ``block_m`` / ``block_k`` / ``num_warps``
+    override it for both kernels (tests use small tiles).
+
+    Returns ``(loss_M, dzs_MD, dws_KD)``, all fp32."""
+    M, D = zs_MD.shape
+    K = ws_KD.shape[0]
+    P = partner_MP.shape[1]
+    dev = zs_MD.device
+    cfg = soft_ce_linear_config(M, K, D, P, linear_tile_dtype(zs_MD, ws_KD, zt_TD, wt_KD))
+    # one tile dtype for the four inputs, unit column stride (no copy when they already are)
+    zs_MD, ws_KD, zt_TD, wt_KD = (x.to(cfg["tile_dtype"]).contiguous()
+                                  for x in (zs_MD, ws_KD, zt_TD, wt_KD))
+    partner_MP = partner_MP.contiguous()
+    weight_MP = weight_MP.to(torch.float32).contiguous()
+    center_K = center_K.reshape(-1).to(torch.float32).contiguous()
+    if M == 0:
+        return (torch.empty(0, device=dev, dtype=torch.float32),
+                torch.empty(0, D, device=dev, dtype=torch.float32),
+                torch.zeros(K, D, device=dev, dtype=torch.float32))
+    blocks, launch = [], []
+    for c in (cfg["fwd"], cfg["dw"]):
+        # tl.dot needs every tile dimension >= 16
+        blocks.append([max(block_m or c["BLOCK_M"], 16), max(block_k or c["BLOCK_K"], 16),
+                       c["BLOCK_D"]])
+        launch.append([num_warps or c["num_warps"], c["num_stages"]])
+    return torch.ops.ibot_fast.soft_ce_linear_fwd(
+        zs_MD, ws_KD, zt_TD, wt_KD, partner_MP, weight_MP, center_K, _as_scalar(tau_s, dev),
+        _as_scalar(tau_t, dev), blocks[0], blocks[1], launch[0], launch[1],
+        cfg["fwd"]["DOT_PRECISION"])

@@ -9,6 +9,7 @@ in fp32 and on tiny shapes: the interpreter is slow. Block and chunk sizes are f
 not a multiple of the block and the rows not a multiple of the chunk.
 """
 import os
+import sys
 
 import pytest
 import torch
@@ -44,6 +45,9 @@ def _interpreter_tests_need_the_interpreter(request):
 def small_blocks(monkeypatch):
     """Several K blocks (Triton) and several row chunks (torch) even at tiny shapes."""
     monkeypatch.setattr(fl, "_default_chunk_rows", lambda K: 5)
+    # the op's torch back end reads its own module's default
+    monkeypatch.setattr(sys.modules["ibot_fast.kernels.soft_ce"], "_default_chunk_rows",
+                        lambda K: 5)
     try:
         import ibot_fast.kernels.soft_ce_triton as ks
     except ImportError:  # pragma: no cover - triton missing: torch back end only
@@ -305,6 +309,9 @@ def test_gpu_soft_ce_linear_triton_matches_torch():
     partner = torch.randint(0, T, (M, 2), device="cuda")
     weight = torch.rand(M, 2, device="cuda") / M
     c = torch.randn(K, device="cuda") * 0.01
+    # the Triton back end takes bf16/fp16 inputs on CUDA (fp32: torch, see linear_backend);
+    # both back ends see the same bf16 values and compute in fp32 from them
+    zs, zt = zs.bfloat16(), zt.bfloat16()
     grads = {}
     for be in ("torch", "triton"):
         x, y = zs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
@@ -313,3 +320,6 @@ def test_gpu_soft_ce_linear_triton_matches_torch():
         grads[be] = (loss, x.grad, y.grad)
     for a, e in zip(grads["triton"], grads["torch"]):
         assert rel_err(a, e) < 1e-4
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        soft_ce_linear(zs.float(), ws, zt.float(), wt, partner, weight, c, 0.1, 0.04,
+                       backend="triton")
