@@ -6,7 +6,7 @@ Times one batch of 256 block masks on the 14x14 grid of a 224-px crop (ViT/16), 
 * ``fast``:    ``block_masks`` (int bitboard, what the Python data path uses);
 * ``literal``: ``block_mask_reference``, the line-by-line numpy restatement of the reference
   (upstream's own loop costs about the same: 76 / 139 / 182 us per mask at r = 0.1 / 0.3 / 0.5,
-  reference-semantics.md 5.4);
+  docs/reference-semantics.md#measured-statistics);
 * ``cpp1`` / ``cppN``: the C++ extension (``MaskBatcher(..., "cpp")``, masks only) on one
   OpenMP thread / on all of ``os.cpu_count()`` threads;
 at the README ViT-S/16 ratios (half the crops r = 0, the rest r ~ U(0.1, 0.5)) and at fixed

@@ -5,7 +5,7 @@ mask generator: it samples one prediction ratio per crop and then builds either 
 *block* mask or a uniformly *random* mask on the crop's patch grid (14x14 for a 224-px crop
 with 16-px patches, 6x6 for a 96-px local crop). This module restates that logic as plain
 functions plus a small configurable :class:`MaskGenerator`. See
-``/work/shared/reference-semantics.md`` section 5 for the behaviour being reproduced.
+``docs/reference-semantics.md#masks`` for the behaviour being reproduced.
 
 Exactness
 ---------
@@ -20,7 +20,7 @@ Exactness
   must handle empty masks whatever the ratio.
 * :func:`random_mask` sets exactly ``int(ratio * H * W)`` cells. The reference shuffles with
   the global ``numpy.random`` (whose per-worker state upstream is an artefact of PyTorch 1.7
-  forking, see section 5.2), so bit parity is *not* a goal there; we draw the cells with
+  forking, see docs/reference-semantics.md#random-masks), so bit parity is *not* a goal there; we draw the cells with
   ``rng.sample`` so that one ``random.Random`` drives every choice of a crop.
 
 Speed
@@ -28,8 +28,16 @@ Speed
 :func:`block_mask` keeps the grid as one Python integer (bit ``i * W + j`` = cell ``(i, j)``):
 counting the already-masked cells of a candidate rectangle is one AND and one ``bit_count``
 instead of a numpy slice sum, and marking it is one OR. :func:`block_mask_reference` is the
-line-by-line numpy restatement of section 5.4; tests check the two agree bit for bit and the
+line-by-line numpy restatement of docs/reference-semantics.md#block-masks; tests check the two agree bit for bit and the
 benchmark times both.
+
+Public batch functions (:func:`block_masks`, :func:`random_masks`)
+-------------------------------------------------------------------
+``backend="python"`` draws the masks in order from one ``random.Random(seed)``: for a seed they
+are the reference generator's, bit for bit. ``backend="cpp"`` (what ``"auto"``, the default,
+picks when the extension is built and the grid is at most 64x64) runs the C++ generator below:
+the reference's distribution, >= 100x faster per mask on one thread, mask ``i`` keyed on
+``(seed, i)``. ``backend="cuda"`` runs it on the GPU.
 
 Presets (``MaskGenerator.from_preset(name)``)
 ---------------------------------------------
@@ -221,7 +229,8 @@ def block_mask(height: int, width: int, ratio: float, rng: random.Random,
 
     Rectangles of area ~ U(low, remaining budget) and log-aspect ~ U(log a0, log a1) are
     placed at random corners until the float budget ``ratio * H * W`` is used up or ten
-    consecutive candidates add nothing (or would overshoot). See section 5.4.
+    consecutive candidates add nothing (or would overshoot). See
+    docs/reference-semantics.md#block-masks.
 
     Args:
         height, width: patch grid (>= 1 each).
@@ -245,7 +254,7 @@ def block_mask(height: int, width: int, ratio: float, rng: random.Random,
 
 def block_mask_reference(height: int, width: int, ratio: float, rng: random.Random,
                          aspect=DEFAULT_ASPECT) -> np.ndarray:
-    """Slow, literal restatement of section 5.4 on a numpy grid: the ground truth that
+    """Slow, literal restatement of docs/reference-semantics.md#block-masks on a numpy grid: the ground truth that
     :func:`block_mask` (and any compiled version) is tested and benchmarked against."""
     _check_grid(height, width)
     lo, hi = _check_aspect(aspect)

@@ -248,7 +248,7 @@ def test_flags_in_the_table_are_what_the_pixels_show(photo_folder):
 
 
 # ------------------------------------------------------------------------------------------------
-# Probabilities (reference-semantics.md section 6)
+# Probabilities (docs/reference-semantics.md#crops)
 # ------------------------------------------------------------------------------------------------
 
 def test_decision_probabilities():

@@ -1,8 +1,8 @@
-"""Tests for ibot_fast.masking against iBOT's ImageFolderMask (reference-semantics.md section 5).
+"""Tests for ibot_fast.masking against iBOT's ImageFolderMask (docs/reference-semantics.md#masks).
 
 Three layers of evidence:
 1. bit-for-bit agreement of the bitboard `block_mask` with `block_mask_reference`, the literal
-   restatement of section 5.4 (same masks *and* same random-number consumption);
+   restatement of docs/reference-semantics.md#block-masks (same masks *and* same random-number consumption);
 2. distribution parity with statistics measured on the reference code (14x14, 10k draws each);
 3. optionally (IBOT_REFERENCE_REPO=/path/to/bytedance/ibot), the reference's own
    `ImageFolderMask.__getitem__` run with the same seed.
@@ -41,7 +41,8 @@ needs_ext = pytest.mark.skipif(not extension_available(), reason="ibot_fast._mas
 BACKENDS = ["python", pytest.param("cpp", marks=needs_ext)]
 BUILT_BACKENDS = ["python"] + (["cpp"] if extension_available() else [])
 
-# Reference statistics on a 14x14 grid (reference-semantics.md 5.4, 10,000 draws per ratio):
+# Reference statistics on a 14x14 grid (docs/reference-semantics.md#measured-statistics,
+# 10,000 draws per ratio):
 # ratio -> (mean masked count, std, P(count == floor(r*H*W)))
 REFERENCE_BLOCK_STATS = {0.1: (17.58, 1.49, 0.284), 0.3: (57.26, 1.19, 0.583), 0.5: (97.54, 0.91, 0.699)}
 N_STAT = 10_000  # draws per statistic; ~0.4 s per ratio
@@ -478,7 +479,7 @@ def test_against_reference_imagefoldermask(monkeypatch, pred_shape, pred_ratio, 
                 if pred_shape == "block":
                     np.testing.assert_array_equal(gen(height, width, rng), ref, err_msg=f"seed={seed} crop={k}")
                 else:
-                    # The reference shuffles with np.random (not reproduced, section 5.2); its
+                    # The reference shuffles with np.random (not reproduced, docs/reference-semantics.md#random-masks); its
                     # Python stream holds only the ratio draws, so compare the exact counts.
                     expected = int(gen.sample_ratio(rng) * height * width)
                     assert ref.sum() == expected, f"seed={seed} crop={k}"

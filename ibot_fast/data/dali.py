@@ -2,7 +2,7 @@
 
 The same pipeline runs on the GPU (``device="gpu"``: "mixed" nvJPEG decoding, every op on the
 GPU) and CPU-only (``device="cpu"``, ``device_id=None``: how CI tests it). It produces the views
-of reference-semantics.md section 6, in the torch loader's batch structure
+of docs/reference-semantics.md#crops, in the torch loader's batch structure
 (``collate_multicrop``)::
 
     crops   list of [B, 3, S, S] tensors, crop-major: global 1, global 2..ng, locals
