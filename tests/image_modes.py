@@ -81,6 +81,8 @@ def write_mode_images(folder, orientations=(3, 6, 8)) -> dict:
     out["rgb16.png"] = (path("rgb16.png"), (rgb16 >> 8).astype(np.uint8), 0)
 
     rgb = rng.integers(0, 256, size=(SIZE, SIZE, 3)).astype(np.uint8)
+    Image.fromarray(rgb[..., 1], "L").save(path("gray.png"))  # 8-bit grey (the MNIST demo's)
+    out["gray.png"] = (path("gray.png"), _grey_rgb(rgb[..., 1]), 0)
     alpha = rng.integers(0, 256, size=(SIZE, SIZE)).astype(np.uint8)
     alpha[:4] = 0    # fully transparent rows: white, whatever colour is stored there
     alpha[4:8] = 255
