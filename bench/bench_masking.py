@@ -6,7 +6,7 @@ Times one batch of 256 block masks on the 14x14 grid of a 224-px crop (ViT/16), 
 * ``fast``:    ``block_masks`` (int bitboard, what the Python data path uses);
 * ``literal``: ``block_mask_reference``, the line-by-line numpy restatement of the reference
   (upstream's own loop costs about the same: 76 / 139 / 182 us per mask at r = 0.1 / 0.3 / 0.5,
-  reference-semantics.md 5.4);
+  docs/reference-semantics.md#measured-statistics);
 * ``cpp1`` / ``cppN``: the C++ extension (``MaskBatcher(..., "cpp")``, masks only) on one
   OpenMP thread / on all of ``os.cpu_count()`` threads;
 at the README ViT-S/16 ratios (half the crops r = 0, the rest r ~ U(0.1, 0.5)) and at fixed
@@ -23,6 +23,12 @@ from CUDA events).
 ``extra_info`` reports masks/s and us/mask, plus the per-image cost of the README multi-crop
 (2 x 14x14 + 10 x 6x6 masks) for the data-loader budget.
 
+``public block_masks r=0.3``: the public ``block_masks(256, 14, 14, 0.3, backend=...)`` on one
+thread (``torch.set_num_threads(1)``, ``n_threads=1``) with ``backend="python"`` and
+``backend="cpp"`` against ``reference`` (``block_mask_reference`` per mask, the reference's
+loop); ``extra_info["x_reference"]`` is the reference's per-mask time over this one's, with
+the reference timed in the same run.
+
 ``training-thread mask time (DALI)``: the CPU time (``time.thread_time``) the DALI loader's
 training thread spends on one recipe batch's masks (``DALIMultiCropLoader._masks``, cpp back end) when they are drawn there
 (``inline``, ``masks_ahead=False``) and when the source started them on the background thread
@@ -32,6 +38,7 @@ indices over as the source would and sleeps 2 ms (less than one batch of DALI wo
 collection then runs on cold caches: ~1.5 us warm, 10-30 us measured here).
 """
 
+import functools
 import math
 import os
 import random
@@ -43,6 +50,8 @@ import torch
 
 from ibot_fast.masking import (MaskBatch, MaskBatcher, MaskGenerator, block_mask_reference,
                                block_masks, extension_available)
+
+block_masks_python = functools.partial(block_masks, backend="python")
 
 N_MASKS = 256
 GRID = 14  # 224 px / 16 px patches
@@ -81,12 +90,19 @@ def _cpp_block_masks(n_threads):
 
 
 ALL_THREADS = os.cpu_count() or 1
-IMPLS = {"fast": block_masks, "literal": _literal_block_masks}
+IMPLS = {"fast": block_masks_python, "literal": _literal_block_masks}
 if extension_available():
     IMPLS.update(cpp1=_cpp_block_masks(1), cppN=_cpp_block_masks(ALL_THREADS))
 
 
+def _timed(benchmark) -> bool:
+    """False under --benchmark-disable (each case then runs once, as a test, with no stats)."""
+    return benchmark.stats is not None
+
+
 def _report(benchmark, masks_NHW):
+    if not _timed(benchmark):
+        return
     mean_s = benchmark.stats.stats.mean
     n = masks_NHW.shape[0]
     benchmark.extra_info["masks_per_s"] = round(n / mean_s)
@@ -105,7 +121,7 @@ def test_block_masks_batch(benchmark, impl, ratio_name):
         assert masks_NHW.sum(dim=(1, 2)).max() <= cap
         benchmark.extra_info["threads"] = 1 if impl == "cpp1" else ALL_THREADS
     else:  # the Python implementations draw identical masks; check once, outside timing
-        assert torch.equal(masks_NHW, block_masks(N_MASKS, GRID, GRID, ratio, seed=SEED))
+        assert torch.equal(masks_NHW, block_masks_python(N_MASKS, GRID, GRID, ratio, seed=SEED))
     _report(benchmark, masks_NHW)
 
 
@@ -160,9 +176,11 @@ def test_recipe_mask_batch(benchmark, impl):
     batch = benchmark(run)
     assert batch.idx_M.numel() == 2 * RECIPE_B * 98 and int(batch.counts_CB.max()) <= 98
     _report(benchmark, batch.masks_CBHW.flatten(0, 1))
-    benchmark.extra_info["us_per_batch"] = round(benchmark.stats.stats.mean * 1e6, 1)
     if impl.startswith("cpp"):
         benchmark.extra_info["threads"] = 1 if impl == "cpp1" else ALL_THREADS
+    if not _timed(benchmark):
+        return
+    benchmark.extra_info["us_per_batch"] = round(benchmark.stats.stats.mean * 1e6, 1)
     if impl == "cuda":  # device time of the kernels (generation + selection), from the profiler
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -186,6 +204,8 @@ def test_generator_readme_multicrop(benchmark):
         return [[gen(h, w, rng) for h, w in grids] for _ in range(n_images)]
 
     benchmark(run)
+    if not _timed(benchmark):
+        return
     mean_s = benchmark.stats.stats.mean
     benchmark.extra_info["images_per_s"] = round(n_images / mean_s)
     benchmark.extra_info["us_per_image"] = round(mean_s / n_images * 1e6, 1)
@@ -221,6 +241,49 @@ def test_dali_training_thread_mask_time(benchmark, mode):
     benchmark.group = f"training-thread mask time per batch (DALI, B={RECIPE_B}, cpp)"
     batch = benchmark.pedantic(lambda: ld._masks(None, index), setup=setup, rounds=400)
     assert batch.idx_M.numel() == 2 * RECIPE_B * 98
+    if not _timed(benchmark):  # pedantic runs once when disabled
+        assert ld.masks_ahead_used == (1 if mode == "ahead" else 0)
+        return
     assert ld.masks_ahead_used == (400 if mode == "ahead" else 0)  # really served ahead
     benchmark.extra_info["cpu_us_per_batch_on_training_thread"] = round(
         benchmark.stats.stats.median * 1e6, 1)
+
+
+PUBLIC_RATIO = 0.3
+PUBLIC_IMPLS = {
+    "reference": lambda seed: _literal_block_masks(N_MASKS, GRID, GRID, PUBLIC_RATIO, seed),
+    "python": lambda seed: block_masks(N_MASKS, GRID, GRID, PUBLIC_RATIO, seed, backend="python"),
+}
+if extension_available():
+    PUBLIC_IMPLS["cpp"] = lambda seed: block_masks(N_MASKS, GRID, GRID, PUBLIC_RATIO, seed,
+                                                   backend="cpp", n_threads=1)
+
+
+def _per_mask_s(run, rounds=5):
+    best = math.inf
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        run(SEED + r)
+        best = min(best, time.perf_counter() - t0)
+    return best / N_MASKS
+
+
+@pytest.mark.parametrize("impl", list(PUBLIC_IMPLS))
+def test_public_block_masks_one_thread(benchmark, impl):
+    """The public API per back end at r = 0.3 on 14x14, one thread, against the reference."""
+    benchmark.group = f"public block_masks r={PUBLIC_RATIO} {GRID}x{GRID}, one thread"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seeds = iter(range(10**9))  # other masks every call (the cpp result is keyed on the seed)
+        masks_NHW = benchmark(lambda: PUBLIC_IMPLS[impl](next(seeds)))
+        assert masks_NHW.shape == (N_MASKS, GRID, GRID)
+        assert masks_NHW.sum(dim=(1, 2)).max() <= math.floor(PUBLIC_RATIO * GRID * GRID)
+        _report(benchmark, masks_NHW)
+        benchmark.extra_info["threads"] = 1
+        if impl != "reference" and _timed(benchmark):
+            ref_s = _per_mask_s(PUBLIC_IMPLS["reference"])
+            benchmark.extra_info["x_reference"] = round(
+                ref_s / (benchmark.stats.stats.mean / N_MASKS), 1)
+    finally:
+        torch.set_num_threads(threads)

@@ -61,11 +61,3 @@ def init_distributed(device: str = "auto") -> DistInfo:
 def cleanup():
     if is_distributed():
         dist.destroy_process_group()
-
-
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (in place); identity for one process."""
-    if is_distributed():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t

@@ -5,7 +5,7 @@ mask generator: it samples one prediction ratio per crop and then builds either 
 *block* mask or a uniformly *random* mask on the crop's patch grid (14x14 for a 224-px crop
 with 16-px patches, 6x6 for a 96-px local crop). This module restates that logic as plain
 functions plus a small configurable :class:`MaskGenerator`. See
-``/work/shared/reference-semantics.md`` section 5 for the behaviour being reproduced.
+``docs/reference-semantics.md#masks`` for the behaviour being reproduced.
 
 Exactness
 ---------
@@ -20,7 +20,7 @@ Exactness
   must handle empty masks whatever the ratio.
 * :func:`random_mask` sets exactly ``int(ratio * H * W)`` cells. The reference shuffles with
   the global ``numpy.random`` (whose per-worker state upstream is an artefact of PyTorch 1.7
-  forking, see section 5.2), so bit parity is *not* a goal there; we draw the cells with
+  forking, see docs/reference-semantics.md#random-masks), so bit parity is *not* a goal there; we draw the cells with
   ``rng.sample`` so that one ``random.Random`` drives every choice of a crop.
 
 Speed
@@ -28,8 +28,16 @@ Speed
 :func:`block_mask` keeps the grid as one Python integer (bit ``i * W + j`` = cell ``(i, j)``):
 counting the already-masked cells of a candidate rectangle is one AND and one ``bit_count``
 instead of a numpy slice sum, and marking it is one OR. :func:`block_mask_reference` is the
-line-by-line numpy restatement of section 5.4; tests check the two agree bit for bit and the
+line-by-line numpy restatement of docs/reference-semantics.md#block-masks; tests check the two agree bit for bit and the
 benchmark times both.
+
+Public batch functions (:func:`block_masks`, :func:`random_masks`)
+-------------------------------------------------------------------
+``backend="python"`` draws the masks in order from one ``random.Random(seed)``: for a seed they
+are the reference generator's, bit for bit. ``backend="cpp"`` (what ``"auto"``, the default,
+picks when the extension is built and the grid is at most 64x64) runs the C++ generator below:
+the reference's distribution, >= 100x faster per mask on one thread, mask ``i`` keyed on
+``(seed, i)``. ``backend="cuda"`` runs it on the GPU.
 
 Presets (``MaskGenerator.from_preset(name)``)
 ---------------------------------------------
@@ -85,6 +93,7 @@ __all__ = [
     "MaskBatcher",
     "MaskGenerator",
     "MaskRequest",
+    "PUBLIC_MASK_BACKENDS",
     "default_mask_backend",
     "extension_available",
     "block_mask",
@@ -220,7 +229,8 @@ def block_mask(height: int, width: int, ratio: float, rng: random.Random,
 
     Rectangles of area ~ U(low, remaining budget) and log-aspect ~ U(log a0, log a1) are
     placed at random corners until the float budget ``ratio * H * W`` is used up or ten
-    consecutive candidates add nothing (or would overshoot). See section 5.4.
+    consecutive candidates add nothing (or would overshoot). See
+    docs/reference-semantics.md#block-masks.
 
     Args:
         height, width: patch grid (>= 1 each).
@@ -244,7 +254,7 @@ def block_mask(height: int, width: int, ratio: float, rng: random.Random,
 
 def block_mask_reference(height: int, width: int, ratio: float, rng: random.Random,
                          aspect=DEFAULT_ASPECT) -> np.ndarray:
-    """Slow, literal restatement of section 5.4 on a numpy grid: the ground truth that
+    """Slow, literal restatement of docs/reference-semantics.md#block-masks on a numpy grid: the ground truth that
     :func:`block_mask` (and any compiled version) is tested and benchmarked against."""
     _check_grid(height, width)
     lo, hi = _check_aspect(aspect)
@@ -315,31 +325,118 @@ def _per_mask_ratios(n, ratio) -> list:
     return [_check_ratio(r, f"ratio[{i}]") for i, r in enumerate(ratios)]
 
 
+PUBLIC_MASK_BACKENDS = ("auto", "python", "cpp", "cuda")
+
+
+def _public_backend(backend, height, width) -> str:
+    """The back end `block_masks` / `random_masks` run: ``auto`` -> ``cpp`` when the extension is
+    built and the grid fits it (<= 64 x 64 patches), else ``python``."""
+    if backend not in PUBLIC_MASK_BACKENDS:
+        raise ValueError(f"backend must be one of {PUBLIC_MASK_BACKENDS}, got {backend!r}")
+    fits = height <= 64 and width <= 64
+    if backend == "auto":
+        return "cpp" if fits and extension_available() else "python"
+    if backend == "python":
+        return backend
+    if not extension_available():
+        raise ValueError(f"backend={backend!r} needs the C++ extension ibot_fast._mask_ext, which "
+                         f"is not built; use backend='python' (or 'auto'), or rebuild it "
+                         f"(bash scripts/setup.sh)")
+    if backend == "cuda" and not extension_available(cuda=True):
+        raise ValueError("backend='cuda' needs the CUDA build of ibot_fast._mask_ext and a CUDA "
+                         "device; use backend='cpp'")
+    if not fits:
+        raise ValueError(f"mask grid {height}x{width}: the {backend} back end handles grids up to "
+                         f"64x64 patches; use backend='python'")
+    return backend
+
+
+def _compiled_masks(backend, n, height, width, ratios, seed, aspect, shape_rand,
+                    n_threads) -> torch.Tensor:
+    """Mask i = the compiled generator's mask of sample id i, crop 0, epoch 0 under `seed`, at
+    ratio ``ratios[i]`` (one call per distinct ratio)."""
+    if n_threads is not None and (not isinstance(n_threads, numbers.Integral) or n_threads < 1):
+        raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}")
+    seed = _seed_value(seed)
+    lo, hi = _check_aspect(aspect)
+    device = torch.device("cuda") if backend == "cuda" else torch.device("cpu")
+    threads = n_threads or max(1, min(torch.get_num_threads(), n // 1024))
+    by_ratio: dict = {}
+    for i, r in enumerate(ratios):
+        by_ratio.setdefault(r, []).append(i)
+    out = None
+    for r, idx in by_ratio.items():
+        ids = (torch.arange(n, device=device) if len(by_ratio) == 1
+               else torch.tensor(idx, dtype=torch.int64, device=device))
+        masks_CBHW = _extension().mask_batch(
+            ids, seed, 0, 1, height, width, [r], [0.0], math.log(lo), math.log(hi), shape_rand,
+            True, height * width, threads, False)[0]
+        if len(by_ratio) == 1:
+            return masks_CBHW[0]
+        if out is None:
+            out = torch.zeros((n, height, width), dtype=torch.bool, device=device)
+        out[ids] = masks_CBHW[0]
+    return torch.zeros((0, height, width), dtype=torch.bool, device=device) if out is None else out
+
+
+_BACKEND_DOC = """
+    ``backend``: ``"python"`` draws the masks in order from one ``random.Random(seed)``, as the
+    reference's generator does, so a seed reproduces the reference's masks bit for bit (see
+    :func:`block_mask`); ``"cpp"`` runs the C++ extension (>= 100x faster per mask on one
+    thread), whose masks follow the reference's *distribution* (same algorithm, other random
+    numbers: Philox / SplitMix64 keyed on the seed and the mask's index, so mask i depends only
+    on (seed, i, its ratio)); ``"cuda"`` is the same generator on the GPU (output on the current
+    CUDA device); ``"auto"`` (default) is ``"cpp"`` when the extension is built and the grid is
+    at most 64x64, else ``"python"``. The compiled back ends need an integer seed in
+    [0, 2**64) (or None); ``n_threads`` sets their OpenMP threads (default: one per 1024 masks,
+    at most ``torch.get_num_threads()``).
+"""
+
+
 def block_masks(n: int, height: int, width: int, ratio: Ratio, seed=None,
-                aspect=DEFAULT_ASPECT) -> torch.Tensor:
+                aspect=DEFAULT_ASPECT, backend: str = "auto",
+                n_threads: Optional[int] = None) -> torch.Tensor:
     """``n`` block masks as a ``torch.bool`` tensor [n, H, W].
 
-    ``ratio`` is one float for all masks or a sequence of ``n`` floats. The masks are drawn in
-    order from one ``random.Random(seed)``; ``seed=None`` seeds it from the OS (nondeterministic).
+    ``ratio`` is one float for all masks or a sequence of ``n`` floats; ``seed=None`` seeds from
+    the OS (nondeterministic).
     """
     _check_grid(height, width)
     ratios = _per_mask_ratios(n, ratio)
     lo, hi = _check_aspect(aspect)
+    backend = _public_backend(backend, height, width)
+    if backend != "python":
+        return _compiled_masks(backend, n, height, width, ratios, seed, (lo, hi), False,
+                               n_threads)
     log_lo, log_hi = math.log(lo), math.log(hi)
     rng = random.Random(seed)
     grids = [_block_bits(height, width, r, rng, log_lo, log_hi) for r in ratios]
     return torch.from_numpy(_bits_to_numpy(grids, height, width))
 
 
-def random_masks(n: int, height: int, width: int, ratio: Ratio, seed=None) -> torch.Tensor:
-    """``n`` random masks (exactly ``int(r*H*W)`` cells each) as ``torch.bool`` [n, H, W]."""
+def random_masks(n: int, height: int, width: int, ratio: Ratio, seed=None,
+                 backend: str = "auto", n_threads: Optional[int] = None) -> torch.Tensor:
+    """``n`` random masks (exactly ``int(r*H*W)`` cells each) as ``torch.bool`` [n, H, W].
+
+    ``python`` draws the cells with ``rng.sample`` from one ``random.Random(seed)`` (see
+    :func:`random_mask`); the compiled back ends with Floyd's sampling, keyed as for
+    :func:`block_masks`.
+    """
     _check_grid(height, width)
     ratios = _per_mask_ratios(n, ratio)
+    backend = _public_backend(backend, height, width)
+    if backend != "python":
+        return _compiled_masks(backend, n, height, width, ratios, seed, DEFAULT_ASPECT, True,
+                               n_threads)
     rng = random.Random(seed)
     masks_NC = np.zeros((n, height * width), dtype=bool)
     for i, r in enumerate(ratios):
         masks_NC[i, _random_flat_indices(height, width, r, rng)] = True
     return torch.from_numpy(masks_NC.reshape(n, height, width))
+
+
+block_masks.__doc__ += _BACKEND_DOC
+random_masks.__doc__ += _BACKEND_DOC
 
 
 # --------------------------------------------------------------------------------------------

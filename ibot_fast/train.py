@@ -536,14 +536,18 @@ class Trainer:
         it = (epoch + 1) * self.iters_per_epoch - 1
         if bar is not None:
             bar.close()
+        # undecodable images skipped this epoch (each file named once, now the bar is closed)
+        bad_images = torch.tensor((self.loader if self.data_backend == "dali" else self.dataset)
+                                  .bad_images_this_epoch(), device=self.device)
         if is_distributed():
             dist.all_reduce(sums)
             sums /= info.world_size
+            dist.all_reduce(bad_images)
         avg = (sums / max(steps, 1)).tolist()
         stats = {"train_loss": avg[0], "train_cls": avg[1], "train_patch": avg[2],
                  "train_acc": avg[3], "train_lr": float(self.lr_schedule[it]),
                  "train_wd": float(self.wd_schedule[it]), "train_skipped": self.skipped,
-                 "epoch": epoch}
+                 "train_bad_images": int(bad_images), "epoch": epoch}
         if info.is_main:
             self._append(epoch_log, stats)
         log(f"epoch {epoch}: loss {avg[0]:.4f} (cls {avg[1]:.4f}, patch {avg[2]:.4f})", info)

@@ -248,7 +248,7 @@ def test_flags_in_the_table_are_what_the_pixels_show(photo_folder):
 
 
 # ------------------------------------------------------------------------------------------------
-# Probabilities (reference-semantics.md section 6)
+# Probabilities (docs/reference-semantics.md#crops)
 # ------------------------------------------------------------------------------------------------
 
 def test_decision_probabilities():
@@ -461,12 +461,18 @@ def test_bad_files_are_skipped_with_a_logged_count(bad_folder, caplog):
     _, samples = bad_folder
     bad = {p for p, _ in samples if "garbage" in p or "truncated" in p}
     ld = loader(samples, batch=4)
+    is_bad = [p in bad for p, _ in samples]
+    # each sample of an epoch skips the run of bad files that starts at it (wrapping around)
+    skips = [next(k for k in range(len(samples)) if not is_bad[(i + k) % len(samples)])
+             for i in range(len(samples))]
     with caplog.at_level(logging.WARNING, logger="ibot_fast.data.dali"):
         for epoch in range(2):
             batches = run_epoch(ld, epoch)
             assert len(batches) == len(samples) // 4  # full epochs, full batches
             used = {samples[i][0] for *_, dbg in batches for i in dbg["index"].view(-1).tolist()}
             assert not used & bad
+            # named by the caller (after its progress bar), counted per epoch
+            assert ld.bad_images_this_epoch() == sum(skips)
     assert ld.num_bad == 2 and set(ld.bad_paths) == bad
     warned = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
     assert len(warned) == 2 and all(any(p in m for p in bad) for m in warned)  # once per file
@@ -664,3 +670,91 @@ def test_masks_ahead_only_for_the_cpp_back_end(photo_folder):
     gen = MaskGenerator(0.3, 0.0)
     assert not loader(samples[:8], mask_batcher=MaskBatcher(gen, "python", seed=0)).masks_ahead
     assert not loader(samples[:8]).masks_ahead  # no batcher: per-sample masks in the source
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding: the same RGB as the torch loader for every image mode
+# ------------------------------------------------------------------------------------------------
+
+from image_modes import ORIENT_OPS, write_mode_images  # noqa: E402  (test data helper)
+
+
+def dali_cpu_decode(encoded):
+    """The pipeline's decoder (same arguments) on one encoded file, on the CPU."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    from ibot_fast.data.dali import DECODER_ARGS
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_async=False,
+                  exec_pipelined=False)
+    def decode():
+        data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
+        return fn.decoders.image(data, device="cpu", output_type=types.RGB, **DECODER_ARGS)
+
+    pipe = decode()
+    pipe.build()
+    pipe.feed_input("data", [encoded])
+    return np.array(pipe.run()[0][0])
+
+
+@pytest.fixture(scope="module")
+def mode_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("modes")
+    images = write_mode_images(root / "a", orientations=range(2, 9))
+    # not square: the header size the crops are drawn from must be the turned one
+    wide = np.kron(np.arange(24, dtype=np.uint8).reshape(2, 3, 4) * 10,
+                   np.ones((8, 8, 1))).astype(np.uint8)  # 16 x 24 x 4 -> RGB below
+    for o in (1, 6):
+        exif = Image.Exif()
+        exif[0x0112] = o
+        Image.fromarray(np.ascontiguousarray(wide[..., :3])).save(
+            root / "a" / f"wide{o}.jpg", quality=95, exif=exif.tobytes())
+    stored = np.asarray(Image.open(root / "a" / "wide1.jpg").convert("RGB"))
+    images["wide6.jpg"] = (str(root / "a" / "wide6.jpg"), ORIENT_OPS[6](stored), 0)
+    return root, images
+
+
+def test_dali_decodes_every_mode_as_the_torch_loader(mode_folder):
+    from ibot_fast.data.dali import decoder_input
+    from ibot_fast.data.dataset import decode_image
+
+    _, images = mode_folder
+    for name, (path, want, _) in images.items():
+        if want is None:  # refused by decode_image, so the source skips them (tested below)
+            continue
+        with open(path, "rb") as f:
+            encoded, (w, h), via_pil = decoder_input(f.read())
+        # 8-bit RGB / grey (JPEG EXIF turns included) go to DALI as they are; the rest via PIL
+        assert via_pil == (not (name.endswith(".jpg") or name == "gray.png")), name
+        got = dali_cpu_decode(encoded)
+        assert got.shape == (h, w, 3), f"{name}: DALI decoded {got.shape}, header said {w}x{h}"
+        assert np.array_equal(got, np.asarray(decode_image(path))), name
+
+
+def test_dali_loader_views_show_the_decoded_images(mode_folder):
+    """Full-image crops at the image size with every augmentation off: the views are the
+    decoded pixels (16-bit scaled, alpha on white, EXIF turned)."""
+    from ibot_fast.data import list_image_folder
+    from ibot_fast.data.dataset import decode_image
+
+    root, images = mode_folder
+    samples = [s for s in list_image_folder(root)[0] if not os.path.basename(s[0])
+               .startswith("wide")]
+    spec = small_spec(global_crops_size=24, local_crops_number=0, global_crops_scale=(1.0, 1.0),
+                      **OFF)
+    ld = loader(samples, spec=spec, batch=2)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+    seen = set()
+    for crops, _, _, dbg in run_epoch(ld):
+        for b, idx in enumerate(dbg["index"].view(-1).tolist()):
+            path = samples[idx][0]
+            seen.add(os.path.basename(path))
+            pixels = (crops[0][b] * std + mean).permute(1, 2, 0).numpy()
+            want = np.asarray(decode_image(path)).astype(np.float32)
+            assert np.abs(pixels - want).max() < 0.5, path
+    refused = {n for n, (_, want, _) in images.items() if want is None}
+    assert not seen & refused and {os.path.basename(p) for p in ld.bad_paths} == refused
+    assert ld.bad_images_this_epoch() >= len(refused)

@@ -353,10 +353,15 @@ def test_corrupt_image_is_skipped_with_one_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ibot_fast.data.dataset"):
         crops, label, masks = ds[1]  # the bad file -> the next sample, class "b"
         ds[1]
+        # files are named by the main process when it asks for the count, not while loading
+        assert ds.bad_images_this_epoch() == 2  # met twice: two samples were replaced
+        assert ds.bad_images_this_epoch() == 2
     assert label == 1 and len(crops) == 2 and len(masks) == 2
     warnings = [r for r in caplog.records if bad in r.getMessage()]
     assert len(warnings) == 1  # once per file, however often it is met
     assert ds.num_bad == 1 and ds.bad_paths == [bad]
+    ds.set_epoch(1)
+    assert ds.bad_images_this_epoch() == 0  # counted per epoch
 
     strict = ImageFolderMask(tmp_path, small_aug(), patch_size=4, mask_generator=StubMasks(),
                              skip_bad=False)
@@ -545,3 +550,105 @@ def test_default_demo_root(monkeypatch):
     assert default_demo_root() == "/somewhere/else"
     monkeypatch.delenv("IBOT_DEMO_DATA")
     assert default_demo_root().endswith(os.path.join(".cache", "ibot_fast", "mnist_5k"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding: every image mode becomes the RGB it shows
+# ------------------------------------------------------------------------------------------------
+
+from image_modes import write_mode_images  # noqa: E402  (test data helper, not a test module)
+
+from ibot_fast.data.dataset import UnfaithfulImageError, decode_image  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mode_images(tmp_path_factory):
+    return write_mode_images(tmp_path_factory.mktemp("modes") / "a")
+
+
+def test_every_image_mode_decodes_to_what_it_shows(mode_images):
+    for name, (path, want, tol) in mode_images.items():
+        if want is None:
+            continue
+        got = np.asarray(decode_image(path))
+        assert got.dtype == np.uint8 and got.shape == want.shape, name
+        diff = np.abs(got.astype(int) - want.astype(int)).max()
+        assert diff <= tol, f"{name}: max difference {diff} from the expected RGB"
+    # the 16-bit file of the bug report: convert("RGB") clips it to white, we scale it
+    path, want, _ = mode_images["gray16.png"]
+    assert (np.asarray(Image.open(path).convert("RGB")) == 255).all()
+    assert 10 < want.mean() < 230 and np.asarray(decode_image(path)).std() > 10
+
+
+def test_images_without_an_8bit_rendering_are_refused(mode_images):
+    with pytest.raises(UnfaithfulImageError, match="float"):
+        decode_image(mode_images["float.tif"][0])
+    with pytest.raises(UnfaithfulImageError, match="outside the 16-bit range"):
+        decode_image(mode_images["int32_big.tif"][0])
+
+
+def test_dataset_and_eval_data_decode_every_mode(mode_images):
+    root = os.path.dirname(os.path.dirname(mode_images["gray16.png"][0]))
+    ds = ImageFolderMask(root, small_aug(), patch_size=4, mask_generator=StubMasks())
+    ev = ImageFolderEval(root, lambda img: np.asarray(img))
+    for j, (path, _) in enumerate(ds.samples):
+        name = os.path.basename(path)
+        want = mode_images[name][1]
+        if want is None:
+            with pytest.raises(UnfaithfulImageError):
+                ds.load_sample(j)
+            continue
+        assert np.abs(np.asarray(ds.load_sample(j)[0]).astype(int) - want).max() \
+            <= mode_images[name][2], name
+        assert np.array_equal(ev[j][0], np.asarray(ds.load_sample(j)[0])), name
+    for j in range(len(ds)):  # the refused files are skipped (and counted) like broken ones
+        ds[j]
+    refused = {p for p, (_, want, _) in mode_images.items() if want is None}
+    assert {os.path.basename(p) for p in ds.bad_paths} == refused
+
+
+def _folder_with_bad_files(root, n=16, bad=(3, 9, 14)):
+    """n images in 2 classes; the files at the sorted positions `bad` are broken."""
+    for k in range(n):
+        path = root / "ab"[k * 2 // n] / f"{k:02d}.png"
+        if k in bad:
+            os.makedirs(path.parent, exist_ok=True)
+            path.write_bytes(b"not an image")
+        else:
+            write_png(str(path), (10 * k, 50, 90))
+    return sorted(str(p) for p in root.rglob("*.png"))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_images_are_counted_per_epoch_across_workers_and_named_once(tmp_path, caplog,
+                                                                         num_workers):
+    paths = _folder_with_bad_files(tmp_path)
+    bad = {paths[k] for k in (3, 9, 14)}
+    ds = ImageFolderMask(tmp_path, small_aug(), patch_size=4, mask_generator=StubMasks())
+    loader = build_pretrain_loader(ds, batch_size_per_gpu=4, num_workers=num_workers)
+    with caplog.at_level(logging.WARNING, logger="ibot_fast.data.dataset"):
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            ds.set_epoch(epoch)
+            assert sum(len(labels) for _, labels, _ in loader) == 16
+            # every epoch meets each bad file once (no two are adjacent), in whichever worker
+            assert ds.bad_images_this_epoch() == 3
+    named = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
+    assert sorted(named) == sorted(m for m in named if any(p in m for p in bad))
+    assert len(named) == 3 and all(sum(p in m for m in named) == 1 for p in bad)  # once each
+    assert set(ds.bad_paths) == bad
+
+
+def test_trainer_logs_bad_images_per_epoch(tmp_path):
+    from ibot_fast.train import main
+
+    _folder_with_bad_files(tmp_path / "data")
+    main(["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "16",
+          "--local_crops_size", "8", "--local_crops_number", "0", "--out_dim", "32",
+          "--head_hidden_dim", "16", "--head_bottleneck_dim", "8", "--batch_size_per_gpu", "4",
+          "--precision", "fp32", "--warmup_teacher_temp_epochs", "1", "--warmup_epochs", "1",
+          "--num_workers", "0", "--progress", "false", "--epochs", "2", "--knn_eval", "false",
+          "--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "log.txt") as f:
+        epochs = [json.loads(line) for line in f if line.strip()]
+    assert [e["train_bad_images"] for e in epochs] == [3, 3]

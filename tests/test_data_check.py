@@ -68,3 +68,21 @@ def test_not_an_image_folder(tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main([str(tmp_path)]) == 2  # no class sub-folders
+
+
+def test_unfaithful_files_are_listed_and_conversions_counted(tmp_path, capsys):
+    from image_modes import write_mode_images
+
+    images = write_mode_images(tmp_path / "modes")
+    report = check_folder(tmp_path)
+    refused = {p for p, want, _ in images.values() if want is None}
+    assert {b["path"] for b in report["bad"]} == refused
+    assert all("UnfaithfulImageError" in b["error"] for b in report["bad"])
+    conv = report["converted"]
+    assert conv["16-bit scaled to 8-bit"] == 3  # I;16, I;16B, I (the 48-bit PNG reads as RGB)
+    assert conv["alpha composited on white"] == 3  # RGBA, LA, palette with transparency
+    assert conv["CMYK converted to RGB (no ICC profile applied)"] == 1
+    assert sum(v for k, v in conv.items() if k.startswith("EXIF orientation")) == 4
+    assert main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "file(s) decoded with a conversion" in out and "2 unreadable file(s)" in out

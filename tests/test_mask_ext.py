@@ -2,10 +2,11 @@
 MaskBatch) against the Python reference generator (ibot_fast.masking.block_mask, bit-identical to
 the reference's ImageFolderMask for a seed).
 
-The compiled generator uses its own random numbers (Philox, SplitMix64), so it is compared in distribution:
-the reference statistics of reference-semantics.md 5.4 (10k masks per ratio on 14x14), the README
-recipe, and the shapes of the rectangles against the Python generator. Invariants (bound,
-rectangles, determinism, selection layout, loss weights) are checked exactly.
+The compiled generator uses its own random numbers (Philox, SplitMix64), so it is compared in
+distribution: the reference statistics of docs/reference-semantics.md#measured-statistics (10k
+masks per ratio on 14x14), the README recipe, and the shapes of the rectangles against the Python
+generator. Invariants (bound, rectangles, determinism, selection layout, loss weights) are
+checked exactly.
 """
 
 import math
@@ -28,7 +29,7 @@ needs_ext = pytest.mark.skipif(not extension_available(), reason="ibot_fast._mas
 needs_cuda_ext = pytest.mark.skipif(not extension_available(cuda=True),
                                     reason="needs the CUDA build of ibot_fast._mask_ext and a GPU")
 
-# reference-semantics.md 5.4: ratio -> (mean masked count, std, P(count == floor(r*H*W)))
+# docs/reference-semantics.md#measured-statistics: ratio -> (mean masked count, std, P(count == floor(r*H*W)))
 REFERENCE_BLOCK_STATS = {0.1: (17.58, 1.49, 0.284), 0.3: (57.26, 1.19, 0.583),
                          0.5: (97.54, 0.91, 0.699)}
 N_STAT = 10_000
@@ -65,7 +66,7 @@ def test_philox_known_answers(ctr, key, want):
 
 
 # --------------------------------------------------------------------------------------------
-# distribution parity with the reference (acceptance statistics of the issue)
+# distribution parity with the reference (its measured statistics)
 # --------------------------------------------------------------------------------------------
 
 @needs_ext
@@ -222,7 +223,7 @@ def test_ratio_zero_and_pred_start_epoch():
 # --------------------------------------------------------------------------------------------
 
 def reference_patch_loss(ce_CBN, masks_CBHW):
-    """(1/C) sum_c mean_b [sum_n ce * m / max(sum_n m, 1)] (reference-semantics.md 2.2)."""
+    """(1/C) sum_c mean_b [sum_n ce * m / max(sum_n m, 1)] (docs/reference-semantics.md#patch-term)."""
     m = masks_CBHW.flatten(2).double()
     per_image = (ce_CBN * m).sum(-1) / m.sum(-1).clamp(min=1.0)
     return per_image.mean(-1).mean()

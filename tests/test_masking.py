@@ -1,8 +1,8 @@
-"""Tests for ibot_fast.masking against iBOT's ImageFolderMask (reference-semantics.md section 5).
+"""Tests for ibot_fast.masking against iBOT's ImageFolderMask (docs/reference-semantics.md#masks).
 
 Three layers of evidence:
 1. bit-for-bit agreement of the bitboard `block_mask` with `block_mask_reference`, the literal
-   restatement of section 5.4 (same masks *and* same random-number consumption);
+   restatement of docs/reference-semantics.md#block-masks (same masks *and* same random-number consumption);
 2. distribution parity with statistics measured on the reference code (14x14, 10k draws each);
 3. optionally (IBOT_REFERENCE_REPO=/path/to/bytedance/ibot), the reference's own
    `ImageFolderMask.__getitem__` run with the same seed.
@@ -23,17 +23,26 @@ import numpy as np
 import pytest
 import torch
 
+from ibot_fast import masking
 from ibot_fast.masking import (
     PRESETS,
     MaskGenerator,
     block_mask,
     block_mask_reference,
     block_masks,
+    extension_available,
     random_mask,
     random_masks,
 )
 
-# Reference statistics on a 14x14 grid (reference-semantics.md 5.4, 10,000 draws per ratio):
+needs_ext = pytest.mark.skipif(not extension_available(), reason="ibot_fast._mask_ext not built")
+# back ends of the public block_masks / random_masks: python reproduces the reference's
+# generator for a seed, cpp its distribution
+BACKENDS = ["python", pytest.param("cpp", marks=needs_ext)]
+BUILT_BACKENDS = ["python"] + (["cpp"] if extension_available() else [])
+
+# Reference statistics on a 14x14 grid (docs/reference-semantics.md#measured-statistics,
+# 10,000 draws per ratio):
 # ratio -> (mean masked count, std, P(count == floor(r*H*W)))
 REFERENCE_BLOCK_STATS = {0.1: (17.58, 1.49, 0.284), 0.3: (57.26, 1.19, 0.583), 0.5: (97.54, 0.91, 0.699)}
 N_STAT = 10_000  # draws per statistic; ~0.4 s per ratio
@@ -68,11 +77,12 @@ def test_block_mask_matches_literal_restatement_other_aspect():
 # 2. distribution parity with the reference
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ratio", sorted(REFERENCE_BLOCK_STATS))
-def test_block_mask_distribution_matches_reference(ratio):
+def test_block_mask_distribution_matches_reference(ratio, backend):
     ref_mean, ref_std, ref_p_cap = REFERENCE_BLOCK_STATS[ratio]
     cap = math.floor(ratio * 14 * 14)
-    counts = block_masks(N_STAT, 14, 14, ratio, seed=1234).sum(dim=(1, 2)).numpy()
+    counts = block_masks(N_STAT, 14, 14, ratio, seed=1234, backend=backend).sum(dim=(1, 2)).numpy()
 
     # Hard property: a block mask never exceeds floor(r*H*W).
     assert counts.max() <= cap
@@ -110,21 +120,23 @@ def test_readme_recipe_statistics():
 # determinism and the batched API
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("make", [block_masks, random_masks])
-def test_batched_masks_deterministic_for_a_seed(make):
-    a = make(64, 14, 14, 0.3, seed=3)
-    b = make(64, 14, 14, 0.3, seed=3)
-    c = make(64, 14, 14, 0.3, seed=4)
+def test_batched_masks_deterministic_for_a_seed(make, backend):
+    a = make(64, 14, 14, 0.3, seed=3, backend=backend)
+    b = make(64, 14, 14, 0.3, seed=3, backend=backend)
+    c = make(64, 14, 14, 0.3, seed=4, backend=backend)
     assert a.dtype == torch.bool and a.shape == (64, 14, 14)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     # seed=None draws from the OS: two calls differ (64 masks colliding is impossible in practice).
-    assert not torch.equal(make(64, 14, 14, 0.3), make(64, 14, 14, 0.3))
+    assert not torch.equal(make(64, 14, 14, 0.3, backend=backend),
+                           make(64, 14, 14, 0.3, backend=backend))
 
 
 def test_block_masks_equal_sequential_block_mask_calls():
     ratios = [0.0, 0.1, 0.5, 0.3, 0.25, 0.0, 0.45, 0.2]
-    batch = block_masks(len(ratios), 14, 14, ratios, seed=11)
+    batch = block_masks(len(ratios), 14, 14, ratios, seed=11, backend="python")
     rng = random.Random(11)
     for i, r in enumerate(ratios):
         expected = block_mask(14, 14, r, rng)
@@ -142,6 +154,54 @@ def test_ratio_sequence_errors():
     with pytest.raises(ValueError, match="n must be a non-negative integer"):
         block_masks(-1, 14, 14, 0.3)
     assert block_masks(0, 14, 14, 0.3, seed=0).shape == (0, 14, 14)
+
+
+@needs_ext
+def test_auto_backend_is_cpp_when_the_extension_is_built(monkeypatch):
+    for make in (block_masks, random_masks):
+        assert torch.equal(make(256, 14, 14, 0.3, seed=5),
+                           make(256, 14, 14, 0.3, seed=5, backend="cpp"))
+        assert not torch.equal(make(256, 14, 14, 0.3, seed=5),
+                               make(256, 14, 14, 0.3, seed=5, backend="python"))
+    # grids the compiled generator cannot hold fall back to python under auto
+    assert torch.equal(block_masks(3, 65, 10, 0.3, seed=1),
+                       block_masks(3, 65, 10, 0.3, seed=1, backend="python"))
+    monkeypatch.setattr(masking, "extension_available", lambda cuda=False: False)
+    assert torch.equal(block_masks(16, 14, 14, 0.3, seed=5),
+                       block_masks(16, 14, 14, 0.3, seed=5, backend="python"))
+    with pytest.raises(ValueError, match="not built"):
+        block_masks(16, 14, 14, 0.3, seed=5, backend="cpp")
+
+
+@needs_ext
+def test_compiled_mask_depends_on_seed_index_and_its_ratio_only():
+    mixed = block_masks(6, 14, 14, [0.1, 0.3, 0.1, 0.5, 0.0, 0.3], seed=7, backend="cpp")
+    for ratio in (0.1, 0.3, 0.5):
+        alone = block_masks(6, 14, 14, ratio, seed=7, backend="cpp")
+        for i in range(6):
+            if [0.1, 0.3, 0.1, 0.5, 0.0, 0.3][i] == ratio:
+                assert torch.equal(mixed[i], alone[i]), (i, ratio)
+    assert not mixed[4].any()
+    counts = mixed.sum(dim=(1, 2))
+    assert (counts <= torch.tensor([19, 58, 19, 98, 0, 58])).all()
+    # one thread or several: the same masks
+    assert torch.equal(block_masks(3000, 14, 14, 0.3, seed=2, backend="cpp", n_threads=1),
+                       block_masks(3000, 14, 14, 0.3, seed=2, backend="cpp", n_threads=2))
+
+
+def test_public_mask_backend_errors():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        block_masks(2, 14, 14, 0.3, backend="numpy")
+    if extension_available():
+        with pytest.raises(ValueError, match="grids up to 64x64"):
+            block_masks(2, 65, 14, 0.3, backend="cpp")
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            random_masks(2, 14, 14, 0.3, seed="abc", backend="cpp")
+        with pytest.raises(ValueError, match="n_threads"):
+            block_masks(2, 14, 14, 0.3, backend="cpp", n_threads=0)
+    if not extension_available(cuda=True):
+        with pytest.raises(ValueError, match="cuda"):
+            block_masks(2, 14, 14, 0.3, backend="cuda")
 
 
 def test_mask_generator_deterministic_for_a_seed():
@@ -174,7 +234,9 @@ def test_random_mask_exact_count(height, width, ratio, expected):
     rng = random.Random(0)
     for _ in range(20):
         assert random_mask(height, width, ratio, rng).sum() == expected
-    assert (random_masks(20, height, width, ratio, seed=0).sum(dim=(1, 2)) == expected).all()
+    for backend in BUILT_BACKENDS:
+        assert (random_masks(20, height, width, ratio, seed=0, backend=backend)
+                .sum(dim=(1, 2)) == expected).all(), backend
     gen = MaskGenerator(min(ratio, 0.999), 0, pred_shape="rand")
     assert gen(height, width, rng).sum() == int(min(ratio, 0.999) * height * width)
 
@@ -182,8 +244,9 @@ def test_random_mask_exact_count(height, width, ratio, expected):
 def test_random_mask_is_uniform_over_cells():
     # 4000 masks x 58 cells: each of the 196 cells is hit Binomial(4000, 58/196) times,
     # mean 1184, std ~29; every cell within +-6 std (~174) of the mean.
-    hits = random_masks(4000, 14, 14, 0.3, seed=9).sum(dim=0).numpy()
-    assert np.abs(hits - 4000 * 58 / 196).max() < 174
+    for backend in BUILT_BACKENDS:
+        hits = random_masks(4000, 14, 14, 0.3, seed=9, backend=backend).sum(dim=0).numpy()
+        assert np.abs(hits - 4000 * 58 / 196).max() < 174, backend
 
 
 def test_ratio_zero_masks_nothing():
@@ -192,8 +255,9 @@ def test_ratio_zero_masks_nothing():
     assert not block_mask(14, 14, 0.0, rng).any()
     assert rng.getstate() == state  # upstream never enters its loop: no draws at all
     assert not random_mask(14, 14, 0.0, rng).any()
-    assert not block_masks(8, 14, 14, 0.0, seed=0).any()
-    assert not random_masks(8, 6, 6, 0.0, seed=0).any()
+    for backend in BUILT_BACKENDS:
+        assert not block_masks(8, 14, 14, 0.0, seed=0, backend=backend).any()
+        assert not random_masks(8, 6, 6, 0.0, seed=0, backend=backend).any()
     gen = MaskGenerator(0.0, 0.0)
     assert not gen(14, 14, rng).any()
     assert rng.getstate() == state
@@ -415,9 +479,28 @@ def test_against_reference_imagefoldermask(monkeypatch, pred_shape, pred_ratio, 
                 if pred_shape == "block":
                     np.testing.assert_array_equal(gen(height, width, rng), ref, err_msg=f"seed={seed} crop={k}")
                 else:
-                    # The reference shuffles with np.random (not reproduced, section 5.2); its
+                    # The reference shuffles with np.random (not reproduced, docs/reference-semantics.md#random-masks); its
                     # Python stream holds only the ratio draws, so compare the exact counts.
                     expected = int(gen.sample_ratio(rng) * height * width)
                     assert ref.sum() == expected, f"seed={seed} crop={k}"
     finally:
         random.setstate(saved)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not extension_available(cuda=True),
+                    reason="needs the CUDA build of ibot_fast._mask_ext and a GPU")
+@pytest.mark.parametrize("ratio", sorted(REFERENCE_BLOCK_STATS))
+def test_cuda_public_block_masks_match_reference_statistics_and_cpp(ratio):
+    masks = block_masks(N_STAT, 14, 14, ratio, seed=1234, backend="cuda")
+    assert masks.is_cuda and masks.dtype == torch.bool
+    counts = masks.sum(dim=(1, 2)).cpu().numpy()
+    ref_mean, ref_std, ref_p_cap = REFERENCE_BLOCK_STATS[ratio]
+    cap = math.floor(ratio * 196)
+    assert counts.max() <= cap
+    assert abs(counts.mean() - ref_mean) <= 0.01 * ref_mean
+    assert abs((counts == cap).mean() - ref_p_cap) <= 0.03
+    # the same streams and arithmetic as the CPU build (bit-identical at the default aspect
+    # range, see csrc/mask_cuda.cu)
+    cpu = block_masks(N_STAT, 14, 14, ratio, seed=1234, backend="cpp")
+    assert (masks.cpu() == cpu).all(dim=(1, 2)).float().mean() > 0.99

@@ -2,7 +2,7 @@
 
 The same pipeline runs on the GPU (``device="gpu"``: "mixed" nvJPEG decoding, every op on the
 GPU) and CPU-only (``device="cpu"``, ``device_id=None``: how CI tests it). It produces the views
-of reference-semantics.md section 6, in the torch loader's batch structure
+of docs/reference-semantics.md#crops, in the torch loader's batch structure
 (``collate_multicrop``)::
 
     crops   list of [B, 3, S, S] tensors, crop-major: global 1, global 2..ng, locals
@@ -52,13 +52,24 @@ batch's ``MaskBatch`` there; the training thread only collects it (``masks_ahead
 it on the training thread instead). ``cuda`` defers them to the GPU in the trainer; ``python``
 or no batcher draws them per sample with `MaskGenerator` inside the source (`make_masks`).
 
+Decoding: DALI decodes the files it renders as the torch loader's `decode_image` does: 8-bit
+RGB and grey without transparency, with the EXIF orientation applied (``adjust_orientation``,
+for JPEG, where DALI and PIL were checked to agree on all eight orientations). Every other file
+(16-bit samples, alpha or a transparency key, palette, CMYK, 1-bit, a PNG with an eXIf chunk,
+another format with an orientation tag) is decoded by the source with `decode_image` and handed
+to DALI as an uncompressed PPM of the RGB result (`decoder_input`), so both loaders see the
+same pixels: DALI drops alpha instead of compositing it, and what nvJPEG makes of CMYK was not
+verified. Those files cost a PIL decode on the source's thread; ordinary photos do not.
+
 Bad files: the external source reads every file and parses its header (cached after the first
-time); a file that cannot be identified is replaced by the next readable index, logged once and
-counted (`num_bad`, `bad_paths`), as the torch loader does, or raises naming it when
-``skip_bad=False``. A file whose header parses but whose data DALI cannot decode (truncated
-JPEG) stops the pipeline: the loader then decodes that batch's files with PIL to find the
-culprit, records it as bad, rebuilds the pipeline at the same batch and carries on (or raises
-naming it). ``python -m ibot_fast.data.check DIR`` lists such files before a run.
+time); a file that cannot be identified is replaced by the next readable index and counted, as
+the torch loader does, or raises naming it when ``skip_bad=False``. A file whose header parses
+but whose data DALI cannot decode (truncated JPEG) stops the pipeline: the loader then decodes
+that batch's files with PIL to find the culprit, records it as bad, rebuilds the pipeline at the
+same batch and carries on (or raises naming it). `bad_images_this_epoch()` counts the images
+skipped in the batches yielded this epoch and names each bad file once (one warning, from the
+caller, e.g. after the trainer's progress bar is closed); `bad_paths` / `num_bad` list them all.
+``python -m ibot_fast.data.check DIR`` lists such files before a run.
 """
 
 from __future__ import annotations
@@ -76,7 +87,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ibot_fast.data.dataset import _BAD_IMAGE_ERRORS
+from ibot_fast.data.dataset import _BAD_IMAGE_ERRORS, decode_image, exif_orientation
 from ibot_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
@@ -115,6 +126,46 @@ _U_GRAY, _U_BLUR, _U_SIGMA, _U_SOLARIZE = 32, 33, 34, 35
 NUM_DRAWS = 36
 
 _LUMA = (0.299, 0.587, 0.114)  # PIL's convert("L") (ITU-R 601-2), also DALI's YIQ Y row
+
+# fn.decoders.image arguments of the pipeline (and of `python -m ibot_fast.data.check --dali`)
+DECODER_ARGS = dict(adjust_orientation=True)
+_DALI_NATIVE_MODES = ("RGB", "L")  # 8-bit, decoded by DALI as decode_image does
+
+
+def _rawmode(img: Image.Image) -> str:
+    """The raw sample layout PIL will unpack (e.g. "RGB;16B" for a 48-bit PNG), or ""."""
+    if not img.tile:
+        return ""
+    args = img.tile[0].args
+    raw = args[0] if isinstance(args, tuple) and args else args
+    return raw if isinstance(raw, str) else ""
+
+
+def needs_pil_decode(img: Image.Image, data: bytes) -> bool:
+    """Whether DALI's decoder would render this opened (not decoded) file differently from
+    `decode_image` (see the module doc), so the source must decode it with PIL."""
+    if img.mode not in _DALI_NATIVE_MODES or "transparency" in img.info:
+        return True
+    if ";16" in _rawmode(img):  # 16-bit samples PIL reads as 8-bit RGB/L
+        return True
+    if img.format == "PNG" and b"eXIf" in data:  # PIL finds a late eXIf chunk only on load
+        return True
+    return img.format != "JPEG" and exif_orientation(img) != 1
+
+
+def decoder_input(data: bytes) -> tuple[np.ndarray, tuple[int, int], bool]:
+    """What the pipeline's decoder gets for a file's bytes: (bytes, (width, height) of the image
+    DALI will produce, decoded by PIL?). Raises what PIL raises for an unreadable header."""
+    with Image.open(io.BytesIO(data)) as img:
+        if not needs_pil_decode(img, data):
+            w, h = img.size
+            if exif_orientation(img) in (5, 6, 7, 8):  # DALI turns these by 90 degrees
+                w, h = h, w
+            return np.frombuffer(data, dtype=np.uint8), (w, h), False
+        rgb = decode_image(io.BytesIO(data))
+    buf = io.BytesIO()
+    rgb.save(buf, "PPM")  # uncompressed and lossless: DALI returns exactly these pixels
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8), rgb.size, True
 
 
 def dali_available() -> bool:
@@ -415,17 +466,23 @@ class _BatchSource:
         self.rank, self.world_size = rank, world_size
         self.skip_bad, self.max_bad_retries = skip_bad, max_bad_retries
         self.debug = debug
-        self.sizes: dict[int, tuple[int, int]] = {}
+        self.sizes: dict[int, tuple[int, int]] = {}  # header size (as DALI will decode it)
+        self.via_pil: set[int] = set()  # files `decoder_input` hands over as PIL-decoded PPM
         self.bad_paths: list[str] = []
         self.bad: set[int] = set()
+        self.unnamed: list[int] = []  # bad files not yet named in a warning
+        self.batch_skips: dict[int, int] = {}  # batch -> images skipped while serving it
         self.epoch, self.start_batch, self.num_batches = 0, 0, 0
+        self.start_sample = 0
         self.order = np.zeros(0, dtype=np.int64)
         # loader hook: (epoch, batch, used indices) -> start that batch's masks in the background
         self.masks_ahead = None
 
     def target(self, epoch: int, start_batch: int, start_sample: int = 0):
         """Serve `epoch` from global sample `start_sample`, skipping `start_batch` batches."""
-        self.epoch, self.start_batch = epoch, start_batch
+        if (epoch, start_sample) != (self.epoch, self.start_sample):
+            self.batch_skips.clear()  # a rebuild at the same position re-serves (overwrites)
+        self.epoch, self.start_batch, self.start_sample = epoch, start_batch, start_sample
         self.order = epoch_indices(len(self.samples), epoch, self.seed, self.rank,
                                    self.world_size, start=start_sample)
         self.num_batches = len(self.order) // self.batch_size
@@ -437,22 +494,29 @@ class _BatchSource:
         if idx in self.bad:
             return
         self.bad.add(idx)
-        path = self.samples[idx][0]
-        self.bad_paths.append(path)
-        logger.warning("skipping unreadable image %s (%s: %s); using the next image instead "
-                       "(%d unreadable so far)", path, type(err).__name__, err,
-                       len(self.bad_paths))
+        self.bad_paths.append(self.samples[idx][0])
+        self.unnamed.append((idx, f"{type(err).__name__}: {err}"))
+
+    def name_new_bad(self) -> None:
+        """One warning per bad file found since the last call (called by the loader's user)."""
+        for idx, why in self.unnamed:
+            logger.warning("skipping unreadable image %s (%s); the next image was used instead. "
+                           "python -m ibot_fast.data.check DIR lists every such file",
+                           self.samples[idx][0], why)
+        self.unnamed.clear()
 
     def _read(self, idx: int):
         path = self.samples[idx][0]
         with open(path, "rb") as f:
             data = f.read()
         size = self.sizes.get(idx)
-        if size is None:
-            with Image.open(io.BytesIO(data)) as im:  # header only: no decoding
-                size = im.size
-            self.sizes[idx] = size
-        return np.frombuffer(data, dtype=np.uint8), size
+        if size is not None and idx not in self.via_pil:
+            return np.frombuffer(data, dtype=np.uint8), size
+        encoded, size, via_pil = decoder_input(data)  # header only, unless decoded by PIL
+        self.sizes[idx] = size
+        if via_pil:
+            self.via_pil.add(idx)
+        return encoded, size
 
     def read_good(self, idx: int):
         """(index actually used, bytes, (w, h)): the next readable index, as the torch loader."""
@@ -484,11 +548,14 @@ class _BatchSource:
         if info.epoch_idx > 0 or b >= self.num_batches:
             raise StopIteration
         used, data, sizes = [], [], []
+        n, skipped = len(self.samples), 0
         for idx in self.batch_indices(b):
             j, d, s = self.read_good(int(idx))
+            skipped += (j - int(idx)) % n  # read_good tried idx, idx + 1, ... before j
             used.append(j)
             data.append(d)
             sizes.append(s)
+        self.batch_skips[b] = skipped
         used = np.asarray(used, dtype=np.int64)
         wh = np.asarray(sizes, dtype=np.int64)
         params, mats = draw_view_params(self.spec, self.seed, self.epoch, used, wh[:, 0],
@@ -594,10 +661,10 @@ def _build_pipeline(source, spec: MultiCropSpec, batch_size: int, num_threads: i
     def multicrop():
         encoded, labels, params, mats, masks, index = fn.external_source(
             source=source, num_outputs=6, batch=True, batch_info=True)
-        # Decode once; every view is cropped from this image. EXIF orientation is ignored, as
-        # PIL's Image.open (and the reference) ignore it, so the header size matches the pixels.
+        # Decode once; every view is cropped from this image. The source's sizes are those of
+        # the decoded image (EXIF orientation applied, as decode_image does).
         image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
-                                  output_type=types.RGB, adjust_orientation=False)
+                                  output_type=types.RGB, **DECODER_ARGS)
         views = []
         for v in range(spec.num_views):
             kind = spec.view_kind(v)
@@ -704,6 +771,7 @@ class DALIMultiCropLoader:
                 f"have no step. Lower the batch size or use more images.")
         # position: global sample the epoch (re)started from + this rank's batches since then
         self.epoch, self.start_sample, self.consumed_batches = 0, 0, 0
+        self._bad_count = [0, 0]  # [epoch, images skipped in its yielded batches]
 
     # ---- epoch and position -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -736,6 +804,13 @@ class DALIMultiCropLoader:
     def num_bad(self) -> int:
         return len(self.source.bad_paths)
 
+    def bad_images_this_epoch(self) -> int:
+        """Images skipped as undecodable in the batches of the current (or just finished)
+        epoch yielded so far on this rank; also names, one warning per file, the bad files
+        found since the last call. Call it outside progress bars (the trainer: at epoch end)."""
+        self.source.name_new_bad()
+        return self._bad_count[1]
+
     # ---- iteration ------------------------------------------------------------------------
     def _iterator(self):
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
@@ -758,8 +833,7 @@ class DALIMultiCropLoader:
             j, _, _ = self.source.read_good(int(idx))
             path = self.source.samples[j][0]
             try:
-                with Image.open(path) as im:
-                    im.convert("RGB")
+                decode_image(path)
             except _BAD_IMAGE_ERRORS as perr:
                 culprits.append((j, path, perr))
         if not culprits:
@@ -788,6 +862,7 @@ class DALIMultiCropLoader:
                     rebuild = True  # a new pipeline restarts at this batch, without the culprit
                     break
                 self.consumed_batches += 1
+                self._count_skips(self.consumed_batches - 1)
                 yield self._to_batch(out)
             del it
             self._mask_jobs.clear()  # batches prefetched but never consumed (or to be redone)
@@ -796,6 +871,11 @@ class DALIMultiCropLoader:
         # The epoch is done: a new iteration (or `set_epoch`) starts the next one.
         self.epoch += 1
         self.start_sample = self.consumed_batches = 0
+
+    def _count_skips(self, b: int) -> None:
+        if self._bad_count[0] != self.epoch:
+            self._bad_count = [self.epoch, 0]
+        self._bad_count[1] += self.source.batch_skips.pop(b, 0)
 
     def _to_batch(self, out: dict):
         crops = [out[f"view{v}"] for v in range(self.spec.num_views)]

@@ -15,11 +15,30 @@ Differences from the reference, all invisible to the loss:
   the number of workers or ranks; without it, randomness comes from the global torch / Python
   RNGs exactly as in the reference (see transforms.py).
 
-Bad images: a file that PIL cannot decode is logged once (warning naming the file), recorded
-in `bad_paths` / `num_bad`, and the next index (idx + 1 mod len) is returned instead, up to
-`max_bad_retries` times. DataLoader workers hold their own copies of the dataset, so these
-counters and the once-per-file warning are per worker process; the trainer reports the
-warnings as the workers log them. `skip_bad=False` raises instead.
+Decoding (`decode_image`): every file becomes the 8-bit RGB image a viewer shows, whatever
+its mode. The reference's `convert("RGB")` is kept where it is faithful (RGB, L, 1, P without
+transparency, CMYK, YCbCr), so ordinary photos decode bit for bit as there; the rest differ:
+* 16-bit grey (`I;16`, `I;16B`, ...; `I` holding 0..65535) is scaled, v -> round(v / 257),
+  instead of clipped to 255 (which turns most 16-bit images pure white);
+* alpha (`RGBA`, `LA`, `P` or `RGB`/`L` with a transparency key) is composited on white, the
+  background a viewer or a web page puts behind a transparent image: the colour stored under
+  a fully transparent pixel is arbitrary (often black) and is not what the image shows;
+* an EXIF orientation tag is applied (the reference ignores it, so phone photos lie on their
+  side);
+* pixels without a defined 8-bit rendering (`F` float images, `I` outside 0..65535) raise
+  `UnfaithfulImageError` and count as unreadable rather than being clipped silently.
+ICC profiles are not applied (as in the reference): CMYK uses PIL's formula
+R = (255 - C)(255 - K) / 255.
+
+Bad images: a file that cannot be decoded (`decode_image` raises) is skipped and the next
+index (idx + 1 mod len) is returned instead, up to `max_bad_retries` times; `skip_bad=False`
+raises instead. The bookkeeping lives in shared memory created with the dataset, before any
+DataLoader worker starts, so it crosses worker processes: one flag per sample (a file known to
+be bad is not decoded again, in any worker) and one skip counter per worker slot.
+`bad_images_this_epoch()` (main process) sums the counters since the last `set_epoch` and
+names each newly found file once, in one warning per file, at the moment the caller chooses
+(the trainer: after the epoch's progress bar is closed), not once per worker and not from inside
+the workers. `bad_paths` / `num_bad` list every file found so far, by any process.
 """
 
 from __future__ import annotations
@@ -32,7 +51,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from ibot_fast.data.transforms import global_python_rng
 from ibot_fast.masking import MaskBatch, MaskBatcher
@@ -41,8 +60,132 @@ logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
-# What PIL raises for garbage, truncated or hostile files (UnidentifiedImageError is an OSError).
+# What PIL raises for garbage, truncated or hostile files (UnidentifiedImageError is an OSError;
+# UnfaithfulImageError is a ValueError).
 _BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: any image mode -> the RGB image it shows
+# ---------------------------------------------------------------------------------------------
+
+ALPHA_BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on (see module doc)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the PIL operation that undoes it (as PIL.ImageOps.exif_transpose)
+_ORIENTATION_FIX = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                    8: Image.Transpose.ROTATE_90}
+
+
+class UnfaithfulImageError(ValueError):
+    """The file decodes, but its pixels have no defined 8-bit RGB rendering (float images,
+    32-bit integers outside the 16-bit range): training on a clipped version would be silent
+    garbage, so such files count as unreadable."""
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1..8) of an opened image; 1 when absent or unreadable.
+
+    Broken metadata must not make a good image unreadable, hence the broad except (PIL raises
+    assorted errors for malformed EXIF blocks)."""
+    try:
+        value = int(img.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - metadata only; the pixels are decoded separately
+        return 1
+    return value if value in _ORIENTATION_FIX else 1
+
+
+def to_rgb(img: Image.Image, notes: Optional[list] = None) -> Image.Image:
+    """Decode `img` fully and return the 8-bit RGB image it shows (rules in the module doc).
+
+    Appends the conversions beyond the reference's `convert("RGB")` (and CMYK) to `notes` (e.g.
+    "16-bit scaled to 8-bit"), for `python -m ibot_fast.data.check`. Raises `UnfaithfulImageError` for pixels without an 8-bit
+    rendering.
+    """
+    note = notes.append if notes is not None else (lambda _: None)
+    orientation = exif_orientation(img)
+    mode = img.mode
+    if mode in SIXTEEN_BIT_MODES:
+        a = np.asarray(img)  # decodes; uint16 (either byte order) or int32 for "I"
+        if mode == "I" and a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise UnfaithfulImageError(
+                f"32-bit integer pixels in [{int(a.min())}, {int(a.max())}], outside the 16-bit "
+                f"range 0..65535: no defined 8-bit rendering. Convert the file to 8 or 16 bits")
+        # round(v / 257) = round(v * 255 / 65535), no ties for integer v
+        rgb = Image.fromarray(((a.astype(np.uint32) + 128) // 257).astype(np.uint8), "L")
+        rgb = rgb.convert("RGB")
+        note("16-bit scaled to 8-bit")
+    elif mode == "F":
+        raise UnfaithfulImageError(
+            "32-bit float pixels: no defined 8-bit range. Convert the file to an 8- or 16-bit "
+            "format")
+    elif mode in ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        rgb = Image.alpha_composite(background, rgba).convert("RGB")
+        note("alpha composited on white")
+    else:
+        rgb = img.convert("RGB")  # also decodes an RGB image fully (a copy)
+        if mode == "CMYK":
+            note("CMYK converted to RGB (no ICC profile applied)")
+    if orientation != 1:
+        rgb = rgb.transpose(_ORIENTATION_FIX[orientation])
+        note(f"EXIF orientation {orientation} applied")
+    return rgb
+
+
+def decode_image(fp, notes: Optional[list] = None) -> Image.Image:
+    """Open a path or file object and decode it to RGB with `to_rgb` (raises what PIL raises for
+    unreadable files, or `UnfaithfulImageError`)."""
+    with Image.open(fp) as img:
+        return to_rgb(img, notes)
+
+
+class BadImageLog:
+    """Undecodable images, shared by the main process and every DataLoader worker.
+
+    Created with the dataset (before workers are forked or spawned), in shared memory:
+    ``flags`` uint8 [N] (0 good or unknown, 1 found bad, 2 found bad and named) and ``skips``
+    int64 [SLOTS], one counter per worker slot (slot 0: the main process; worker k: slot
+    1 + k mod (SLOTS - 1)), so no two processes add to the same number. Only the main process
+    zeroes the counters and names files (`take_epoch_count`).
+    """
+
+    SLOTS = 256
+
+    def __init__(self, num_samples: int):
+        self.flags = torch.zeros(num_samples, dtype=torch.uint8).share_memory_()
+        self.skips = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
+
+    def is_bad(self, idx: int) -> bool:
+        return bool(self.flags[idx])
+
+    def mark_bad(self, idx: int) -> None:
+        if not self.flags[idx]:
+            self.flags[idx] = 1
+
+    def add_skips(self, n: int) -> None:
+        info = get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
+        self.skips[slot] += n
+
+    def reset_epoch(self) -> None:
+        self.skips.zero_()
+
+    def epoch_count(self) -> int:
+        return int(self.skips.sum())
+
+    def bad_indices(self) -> list[int]:
+        return self.flags.nonzero().flatten().tolist()
+
+    def unnamed_indices(self) -> list[int]:
+        """Bad files not named yet; marks them named."""
+        new = (self.flags == 1).nonzero().flatten()
+        self.flags[new] = 2
+        return new.tolist()
 
 
 def list_image_folder(root) -> tuple[list[tuple[str, int]], list[str]]:
@@ -129,8 +272,7 @@ class ImageFolderMask(Dataset):
         self.mask_batcher = (None if mask_backend is None
                              else MaskBatcher(mask_generator, mask_backend, seed=seed))
         self.targets = [label for _, label in self.samples]
-        self.bad_paths: list[str] = []
-        self._bad_set: set[str] = set()
+        self.bad_images = BadImageLog(len(self.samples))
         # The epoch lives in shared memory so that persistent DataLoader workers (which keep the
         # copy of the dataset they were started with) still see `set_epoch` from the main process.
         self._epoch_shared = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -138,8 +280,10 @@ class ImageFolderMask(Dataset):
 
     # ---- epoch -------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """Called by the trainer every epoch (with `sampler.set_epoch`); forwards to the masks."""
+        """Called by the trainer every epoch (with `sampler.set_epoch`); forwards to the masks
+        and restarts the count of `bad_images_this_epoch`."""
         self._epoch_shared.fill_(int(epoch))
+        self.bad_images.reset_epoch()
         self._seen_epoch = int(epoch)
         if hasattr(self.mask_generator, "set_epoch"):
             self.mask_generator.set_epoch(int(epoch))
@@ -166,31 +310,47 @@ class ImageFolderMask(Dataset):
 
     def load_sample(self, idx: int) -> tuple[Image.Image, int]:
         path, label = self.samples[idx]
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img = img.convert("RGB")  # decodes fully here, inside the try of the caller
-        return img, label
+        return decode_image(path), label  # decodes fully here, inside the try of the caller
+
+    @property
+    def bad_paths(self) -> list[str]:
+        """Every undecodable file found so far, by this process or any DataLoader worker."""
+        return [self.sample_name(j) for j in self.bad_images.bad_indices()]
 
     @property
     def num_bad(self) -> int:
-        """Distinct unreadable files met by *this process* (each worker counts its own)."""
-        return len(self.bad_paths)
+        """Distinct undecodable files found so far (all processes)."""
+        return len(self.bad_images.bad_indices())
 
-    def _note_bad(self, name: str, err: Exception) -> None:
-        if name in self._bad_set:
-            return
-        self._bad_set.add(name)
-        self.bad_paths.append(name)
-        logger.warning("skipping unreadable image %s (%s: %s); using the next image instead",
-                       name, type(err).__name__, err)
+    def bad_images_this_epoch(self) -> int:
+        """Images skipped as undecodable since the last `set_epoch`, summed over all DataLoader
+        workers (in a distributed run: this rank's). Also names, in one warning per file, the
+        files found since the last call; call it from the main process, outside progress
+        bars."""
+        for j in self.bad_images.unnamed_indices():
+            logger.warning("skipping unreadable image %s (%s); the next image was used instead. "
+                           "python -m ibot_fast.data.check DIR lists every such file",
+                           self.sample_name(j), self._why_bad(j))
+        return self.bad_images.epoch_count()
+
+    def _why_bad(self, idx: int) -> str:
+        """The decoding error of a file found bad (decoded again: only bad files, once each)."""
+        try:
+            self.load_sample(idx)
+        except _BAD_IMAGE_ERRORS as err:
+            return f"{type(err).__name__}: {err}"
+        return "it could not be read earlier"
 
     def _load_good(self, idx: int) -> tuple[Image.Image, int]:
         n = len(self)
         tried = []
         for k in range(min(self.max_bad_retries + 1, n)):
             j = (idx + k) % n
+            if self.bad_images.is_bad(j):  # found before (maybe by another worker): skip it
+                tried.append(self.sample_name(j))
+                continue
             try:
-                return self.load_sample(j)
+                sample = self.load_sample(j)
             except _BAD_IMAGE_ERRORS as err:
                 name = self.sample_name(j)
                 if not self.skip_bad:
@@ -198,12 +358,18 @@ class ImageFolderMask(Dataset):
                         f"cannot read image {name} ({type(err).__name__}: {err}). Remove or "
                         f"replace the file, or enable skip_bad to skip unreadable images."
                     ) from err
-                self._note_bad(name, err)
+                self.bad_images.mark_bad(j)
                 tried.append(name)
+                continue
+            if k:
+                self.bad_images.add_skips(k)
+            return sample
+        self.bad_images.add_skips(len(tried))
         shown = ", ".join(tried[:5]) + (f", ... ({len(tried)} in all)" if len(tried) > 5 else "")
         raise RuntimeError(
             f"{len(tried)} consecutive images starting at index {idx} could not be read: {shown}. "
-            f"The dataset looks broken (wrong format, truncated copy?); check these files.")
+            f"The dataset looks broken (wrong format, truncated copy?); check these files "
+            f"(python -m ibot_fast.data.check DIR lists all of them).")
 
     # ---- the sample --------------------------------------------------------------------------
     def _rng_for(self, idx: int, epoch: int) -> Optional[random.Random]:

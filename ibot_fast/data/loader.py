@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ibot_fast.data.dataset import _BAD_IMAGE_ERRORS, collate_multicrop, list_image_folder
+from ibot_fast.data.dataset import (_BAD_IMAGE_ERRORS, collate_multicrop, decode_image,
+                                    list_image_folder)
 from ibot_fast.data.transforms import to_tensor_normalize
 from ibot_fast.reliability import ResumableDistributedSampler
 
@@ -141,8 +142,7 @@ class ImageFolderEval(Dataset):
     def __getitem__(self, idx: int):
         path, label = self.samples[idx]
         try:
-            with open(path, "rb") as f:
-                img = Image.open(f).convert("RGB")
+            img = decode_image(path)  # 16-bit, alpha, EXIF: as the training loader decodes
         except _BAD_IMAGE_ERRORS as err:
             raise RuntimeError(f"cannot read evaluation image {path} ({type(err).__name__}: "
                                f"{err}). Remove or replace the file.") from err

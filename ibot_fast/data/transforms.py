@@ -1,7 +1,7 @@
 """iBOT multi-crop augmentation on PIL images, without torchvision.
 
 This re-implements the torchvision ops that the reference's `DataAugmentationiBOT` uses
-(reference-semantics.md section 6) with the same algorithms *and the same random draws in the
+(docs/reference-semantics.md#crops) with the same algorithms *and the same random draws in the
 same order*: every op that torchvision drives from the torch RNG draws from a `torch.Generator`
 here (`torch.rand(1)`, `torch.empty(1).uniform_`, `torch.randint`, `torch.randperm`, compared in
 float32 like torchvision), and the two iBOT ops that use Python's `random` (GaussianBlur,

@@ -15,7 +15,6 @@ with numpy on the contingency table, with sklearn's conventions:
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 AVERAGE_METHODS = ("arithmetic", "geometric", "min", "max")
 
@@ -78,10 +77,3 @@ def ari(labels_true, labels_pred) -> float:
 
 def cluster_metrics(labels_true, labels_pred) -> dict:
     return {"nmi": nmi(labels_true, labels_pred), "ari": ari(labels_true, labels_pred)}
-
-
-@torch.no_grad()
-def cls_argmax(head: torch.nn.Module, cls_tokens: torch.Tensor) -> torch.Tensor:
-    """Prototype index of each final-norm [CLS] token: argmax of the head's [CLS] logits."""
-    param = next(head.parameters())
-    return head(cls_tokens.to(param.device, param.dtype)).argmax(-1).cpu()
