@@ -16,7 +16,7 @@ tests/test_fast_step.py compares them flag by flag) with these changes, each beh
   (fused ``soft_ce`` on the selected rows).
 * ``--fused_head_loss true`` (with ``selected``; default false): the patch head's K2-way last
   layer moves into the patch loss (``IBOTLoss.forward_selected_linear`` ->
-  ``fused_loss.soft_ce_linear``): the student hands over its masked rows' bottleneck vectors
+  ``ibot_fast.kernels.soft_ce_linear``): the student hands over its masked rows' bottleneck vectors
   and the weight-normed ``last_layer2`` weight (autograd takes the weight's gradient on to
   ``weight_v``/``weight_g``), the teacher its rows' vectors and weight, and neither ``[M, K2]``
   logits tensor exists. [CLS] rows and the teacher centre (by linearity, as above) are

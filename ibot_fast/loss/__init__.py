@@ -1,7 +1,7 @@
 """The iBOT loss stack, layer by layer (each module imports only the layers below it).
 
 =============================  =================================================================
-``ibot_fast.fused_loss``       the op: ``soft_ce`` / ``soft_ce_linear``, weighted, centred,
+``ibot_fast.kernels.soft_ce``  the op: ``soft_ce`` / ``soft_ce_linear``, weighted, centred,
                                temperature-scaled soft-target cross-entropy over row pairs
 ``loss/pairs.py``              the op's inputs: ``cls_pairs``, ``masked_patch_rows``,
                                ``pairs_to_table``

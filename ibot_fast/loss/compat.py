@@ -1,6 +1,6 @@
 r"""The fused iBOT patch loss in the shapes other repositories already call.
 
-The compatibility layer of the loss stack (op ``ibot_fast.fused_loss.soft_ce`` -> modules
+The compatibility layer of the loss stack (op ``ibot_fast.kernels.soft_ce`` -> modules
 ``IBOTLoss`` / ``IBOTLossReference`` -> these adapters). Both adapters run on the op
 (``backend="auto"|"triton"|"torch"``): the patch rows are the student-major pairs ``student
 row r <-> teacher row r`` with one weight per row, and the gradient is computed in the forward
@@ -61,7 +61,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ibot_fast.dist import get_world_size
-from ibot_fast.fused_loss import BACKENDS, soft_ce, teacher_col_sum
+from ibot_fast.kernels.soft_ce import BACKENDS, soft_ce, teacher_col_sum
 from ibot_fast.loss.common import check_center_mode, check_sinkhorn_iterations, compute_dtype
 from ibot_fast.loss.sinkhorn import sinkhorn_knopp_center, sinkhorn_knopp_targets
 

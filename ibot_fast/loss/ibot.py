@@ -2,7 +2,7 @@
 
 A drop-in for the reference ``iBOTLoss`` (same constructor, ``forward``, returned dict and state
 dict as its sibling ``IBOTLossReference``, ``loss/reference.py``, whose docstring states the
-maths) that computes every term with ``ibot_fast.fused_loss.soft_ce``: weighted, centred,
+maths) that computes every term with ``ibot_fast.kernels.soft_ce``: weighted, centred,
 temperature-scaled soft-target cross-entropy over row pairs, gradient computed in the forward
 pass, no ``[rows, K]`` probability tensor kept. The [CLS] term is one call over the pairs of
 ``pairs.cls_pairs``; the patch term one call over the masked rows only, each paired with itself
@@ -15,7 +15,7 @@ Entry points:
 * ``forward_selected`` -- inputs the trainer already gathered (the masked rows, from
   ``pairs.masked_patch_rows``, and the mean of all teacher patch logits), no host sync;
 * ``forward_selected_linear`` -- the same with the patch head's last layer fused into the patch
-  loss (``ibot_fast.fused_loss.soft_ce_linear``).
+  loss (``ibot_fast.kernels.soft_ce_linear``).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ibot_fast.fused_loss import BACKENDS, soft_ce, soft_ce_linear, teacher_col_sum
+from ibot_fast.kernels.soft_ce import BACKENDS, soft_ce, soft_ce_linear, teacher_col_sum
 from ibot_fast.loss.common import IBOTLossBase, compute_dtype
 from ibot_fast.loss.pairs import cls_pairs
 from ibot_fast.loss.reference import ibot_loss_dense
@@ -74,7 +74,7 @@ class IBOTLoss(IBOTLossBase):
         from the head's last Linear, which saves its input and weight but not its output. The
         student logits must not be leaves that require grad and must be contiguous
         (``ValueError`` otherwise); an autograd op that saved them raises torch's "modified by
-        an inplace operation" error at backward (see ``ibot_fast.fused_loss.soft_ce``).
+        an inplace operation" error at backward (see ``ibot_fast.kernels.soft_ce``).
     center (``IBOTLossBase``): ``"ema"`` (the reference's EMA centres) or
         ``"sinkhorn_knopp"`` (DINOv2/v3; ``sinkhorn_iterations=3``): the Sinkhorn-Knopp target
         is ``softmax((t - c)/tau)`` for a per-batch vector ``c``
@@ -242,7 +242,7 @@ class IBOTLoss(IBOTLossBase):
                                 patch_weight: torch.Tensor, teacher_patch_mean: torch.Tensor,
                                 epoch: int, *, temperatures=None) -> dict[str, torch.Tensor]:
         """``forward_selected`` with the patch head's last layer fused into the patch loss
-        (``fused_loss.soft_ce_linear``): the patch logits are ``student_patch_z @
+        (``ibot_fast.kernels.soft_ce_linear``): the patch logits are ``student_patch_z @
         student_patch_w.T`` and ``teacher_patch_z @ teacher_patch_w.T`` but neither ``[M, K2]``
         tensor is materialised. Same result, gradients and centre update as
         ``forward_selected`` on those logits.

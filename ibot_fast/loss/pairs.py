@@ -1,6 +1,6 @@
 """Which rows pair with which, with what weight: the inputs of the soft-target CE op.
 
-``ibot_fast.fused_loss.soft_ce`` takes its pairs student-major: ``partner_MP[i, p]`` is the
+``ibot_fast.kernels.soft_ce`` takes its pairs student-major: ``partner_MP[i, p]`` is the
 teacher row of the p-th pair of student row i and ``weight_MP[i, p]`` its weight (0: no pair).
 Here are the tables the iBOT loss builds from its inputs:
 

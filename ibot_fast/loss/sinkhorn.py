@@ -4,7 +4,7 @@ Two public forms of the same computation:
 
 * ``sinkhorn_knopp_center`` -- the vector ``c`` for which ``softmax((t - c)/tau)`` *is* the
   Sinkhorn-Knopp target of every teacher row, so the fused soft-target CE op
-  (``ibot_fast.fused_loss.soft_ce``) takes it as its ``center_K`` like the EMA centre and no
+  (``ibot_fast.kernels.soft_ce``) takes it as its ``center_K`` like the EMA centre and no
   ``[T, K]`` target tensor is made (``IBOTLoss``, ``DINOv2PatchLoss``);
 * ``sinkhorn_knopp_targets`` -- the targets themselves, ``[T, K]`` rows summing to 1, computed
   from that centre in fp64 (``IBOTLossReference``, ``DINOv2PatchLoss.sinkhorn_knopp_teacher``).
