@@ -6,7 +6,7 @@ import pytest
 import torch
 
 # =================================================================================================
-# Loss stack (tests/test_loss_*.py, tests/test_fused_loss.py)
+# Loss stack (tests/test_loss_*.py, tests/test_soft_ce.py)
 # =================================================================================================
 
 

@@ -1,5 +1,5 @@
 """The fused soft-target CE op against ground truths: ``soft_ce`` / ``soft_ce_linear``
-(ibot_fast.fused_loss, kernels/soft_ce_triton.py). ``dense_soft_ce`` below is the op's formula
+(kernels/soft_ce.py, kernels/soft_ce_triton.py). ``dense_soft_ce`` below is the op's formula
 written out densely in fp64 (gather the partner rows, softmax, log_softmax, weighted sum);
 autograd gives the gradients. The modules built on the op are tested in test_loss_*.py.
 
@@ -8,51 +8,17 @@ gradients. On the CPU, the Triton back end runs under TRITON_INTERPRET=1 (set by
 in fp32 and on tiny shapes: the interpreter is slow. Block and chunk sizes are forced small so K is
 not a multiple of the block and the rows not a multiple of the chunk.
 """
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-import ibot_fast.fused_loss as fl
-from helpers import linear_logits
-from ibot_fast.fused_loss import soft_ce, soft_ce_linear, teacher_col_sum
+from helpers import interpreter_tests_need_the_interpreter, small_blocks  # noqa: F401 - fixtures
+from helpers import linear_logits, rel_err
+from ibot_fast.kernels.soft_ce import soft_ce, soft_ce_linear, teacher_col_sum
 
 RTOL = 1e-5
 BACKENDS = ["torch", "triton"]
-
-
-def rel_err(actual, expected):
-    """max |a - e| / max |e| (as in tests/helpers.py)."""
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_tests_need_the_interpreter(request):
-    """These tests feed CPU tensors to backend="triton". On a GPU machine triton compiles for
-    real and rejects them, unless TRITON_INTERPRET=1 was set by hand; the gpu-marked tests
-    below cover the compiled kernels there."""
-    callspec = getattr(request.node, "callspec", None)
-    if (callspec is not None and callspec.params.get("backend") == "triton"
-            and "gpu" not in request.keywords and torch.cuda.is_available()
-            and os.environ.get("TRITON_INTERPRET") != "1"):
-        pytest.skip("CPU interpreter test: run with TRITON_INTERPRET=1")
-
-
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Several K blocks (Triton) and several row chunks (torch) even at tiny shapes."""
-    monkeypatch.setattr(fl, "_default_chunk_rows", lambda K: 5)
-    # the op's torch back end reads its own module's default
-    monkeypatch.setattr(sys.modules["ibot_fast.kernels.soft_ce"], "_default_chunk_rows",
-                        lambda K: 5)
-    try:
-        import ibot_fast.kernels.soft_ce_triton as ks
-    except ImportError:  # pragma: no cover - triton missing: torch back end only
-        return
-    monkeypatch.setattr(ks, "default_block_k", lambda K: 16)
+pytestmark = pytest.mark.usefixtures("interpreter_tests_need_the_interpreter")
 
 
 # ---- op level --------------------------------------------------------------------------------
