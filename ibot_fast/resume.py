@@ -51,7 +51,8 @@ NOT_COMPARED = frozenset({
     "data_backend", "keep_checkpoints", "saveckp_freq", "knn_eval", "knn_train_path",
     "knn_val_path", "knn_every", "tensorboard", "trust_pickle", "deterministic", "dist_url",
     "local_rank", "preset", "compile", "attn_backend", "loss_backend", "mask_backend",
-    "fast_step", "fsdp", "threads", "config",
+    "fast_step", "fsdp", "threads", "config", "ema_backend", "fused_head_loss", "head_tokens",
+    "packed_crops", "on_nan",
 })
 
 

@@ -3,8 +3,9 @@ under torchrun, before the first step and after the last epoch, Ctrl-C), a rank 
 torchrun, non-finite steps, a bit flip in a checkpoint, rotation after a fallback, two trainers
 on one directory, changed flags on resume, a full disk at preemption, bad data and bad flags.
 Each test is one row of the README's fault table; file-level checkpoint tests are in
-``tests/test_checkpoint.py``. Exactness tests run in fp64 with deterministic algorithms and drop path
-on (so the RNG states in a mid-epoch checkpoint matter), and compare with ``torch.equal``."""
+``tests/test_checkpoint.py``. Exactness tests run in fp64 with deterministic algorithms and
+drop path on (so the RNG states in a mid-epoch checkpoint matter), and compare with
+``torch.equal``."""
 from __future__ import annotations
 
 import errno
@@ -722,13 +723,13 @@ def test_model_flag_change_is_refused(tmp_path, mid_epoch):
 
 
 def test_resume_line_counts_the_redone_steps(tmp_path, capsys):
-    """A crash (SIGKILL-like) after iteration 5, with checkpoint.pth at epoch 1: the resume
+    """A crash (like a SIGKILL) after iteration 5, with checkpoint.pth at epoch 1: the resume
     line says 2 steps are redone and their steps.jsonl records replaced."""
     argv = exact_argv(tmp_path)
     tr = Trainer(parse_args(argv))
 
-    def crash(it):
-        if it == 5:
+    def crash(it):  # in iteration 6, before its record is written
+        if it == 6:
             raise RuntimeError("simulated crash")
 
     _with_hook(tr, crash)
