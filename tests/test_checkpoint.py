@@ -81,8 +81,9 @@ def test_bit_flip_and_nonfinite_optimizer_state_are_corrupt(tmp_path, capsys):
         tr.save(epoch)
     flip_bit(tmp_path / "checkpoint.pth", "teacher", "backbone.blocks.0.attn.qkv.weight")
     s = load(tmp_path / "checkpoint.1.pth")
-    s["optimizer"]["state"][0]["exp_avg_sq"] = torch.full_like(
-        s["student"]["backbone.cls_token"], float("nan"))
+    cls = s["student"]["backbone.cls_token"]  # AdamW's state of a parameter, one value NaN
+    s["optimizer"]["state"][0] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(cls),
+                                  "exp_avg_sq": torch.full_like(cls, float("nan"))}
     torch.save(s, tmp_path / "checkpoint.1.pth")
     with pytest.raises(ckpt.CorruptCheckpointError, match="checksum mismatch in entry"):
         ckpt.verify_crc(str(tmp_path / "checkpoint.pth"))
