@@ -5,13 +5,24 @@ Layout (reference §7.3): ``student``, ``teacher``, ``optimizer``, ``epoch`` (ep
 ``args`` is stored as a plain dict (so ``torch.load(weights_only=True)`` opens our files), and
 student keys carry no DDP ``module.`` prefix (a reference checkpoint's prefix is stripped on load).
 A file is written to a temporary name in the same directory, flushed and fsync'd, then renamed
-over the old one: a crash mid-write never leaves a truncated ``checkpoint.pth``.
+over the old one: a crash mid-write never leaves a truncated ``checkpoint.pth``. The file is a
+zip archive with a CRC-32 per entry (``torch.save``'s format); ``torch.load`` does not check
+them, so ``load_verified`` does: a flipped bit anywhere in the tensor data makes the file
+"corrupt", like a truncated one.
 
 Rolling history (``--keep_checkpoints K``): ``checkpoint.pth`` is the newest, ``checkpoint.1.pth``
 the one before, ... ``checkpoint.{K-1}.pth``. The new file is written completely before anything
 is rotated, so a failed write (a full disk) leaves every existing checkpoint as it was. On resume
 each candidate is verified (readable, expected keys, shapes of this run's model, finite values);
-a corrupt one is reported and the next older one is used.
+a corrupt one is reported and the next older one is used. After such a fallback the trainer moves
+the corrupt files aside (``checkpoint.pth.corrupt-<time>``, ``quarantine``) and renumbers the
+good ones (``compact``), so rotation never turns a corrupt file into ``checkpoint.1.pth`` and
+``--keep_checkpoints`` counts good files only.
+
+A full disk: the free space is compared with the size of the last checkpoint before writing
+(``ensure_space``); where ``--keep_checkpoints`` lets the oldest file go anyway it is deleted
+first, else the save is refused before anything is written. A write that still hits ``ENOSPC``
+(or ``EDQUOT``) raises ``OSError`` with a message saying that nothing was replaced.
 """
 from __future__ import annotations
 
@@ -20,6 +31,8 @@ import errno
 import glob
 import os
 import tempfile
+import time
+import zipfile
 
 import torch
 
@@ -37,24 +50,58 @@ class IncompatibleCheckpointError(ValueError):
 TMP_PREFIX = ".tmp_"
 
 
+class _RecordingWriter:
+    """A binary file that remembers the ``OSError`` its ``write`` raised: ``torch.save``
+    replaces it with ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def full_disk_cause(err: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT ``OSError`` behind ``err`` (itself or a cause), if any."""
+    seen = 0
+    while err is not None and seen < 16:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def full_disk_error(directory: str, code: int, detail: str = "") -> OSError:
+    return OSError(code, f"cannot write a checkpoint in {directory!r}: {os.strerror(code)}"
+                   f"{detail}. Nothing was replaced: the previous checkpoints there are intact. "
+                   f"Free some space (or lower --keep_checkpoints / --saveckp_freq) and run the "
+                   f"same command again to resume.")
+
+
 def _write_tmp(obj, directory: str) -> str:
     """``obj`` fully written and fsync'd to a temporary file in ``directory``; its path."""
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pth", dir=directory)
+    writer = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = _RecordingWriter(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
     except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(err.errno, f"cannot write a checkpoint in {directory!r}: "
-                          f"{os.strerror(err.errno)}. Nothing was replaced: the previous "
-                          f"checkpoints there are intact. Free some space (or lower "
-                          f"--keep_checkpoints / --saveckp_freq) and run the same command "
-                          f"again to resume.") from err
+        full = full_disk_cause(err) or (writer is not None and full_disk_cause(writer.error))
+        if full:
+            raise full_disk_error(directory, full.errno) from err
         raise
     return tmp
 
@@ -99,12 +146,50 @@ def rotated_name(path: str, k: int) -> str:
     return f"{stem}.{k}{ext}"
 
 
-def save_rotating(obj, path: str, keep: int = 1):
+def free_bytes(directory: str) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def ensure_space(path: str, keep: int, log=print, needed: int | None = None) -> None:
+    """Make sure a checkpoint about the size of ``path``'s current file fits next to it.
+
+    If it does not, the oldest kept file (the one this save would drop anyway, ``keep`` > 1) is
+    deleted first; if that is not enough, ``OSError(ENOSPC)`` before anything is written.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if needed is None:
+        if not os.path.isfile(path):
+            return
+        needed = os.path.getsize(path)
+    free = free_bytes(directory)
+    if free is None or free >= needed:
+        return
+    oldest = rotated_name(path, keep - 1) if keep > 1 else None
+    if oldest is not None and os.path.isfile(oldest):
+        log(f"WARNING: {free / 2**20:.1f} MiB free in {directory!r}, the last checkpoint has "
+            f"{needed / 2**20:.1f} MiB: deleting the oldest kept one, {oldest}, first (the "
+            f"rotation would drop it anyway)")
+        os.remove(oldest)
+        free = free_bytes(directory) or 0
+        if free >= needed:
+            return
+    raise full_disk_error(directory, errno.ENOSPC,
+                          f" ({free / 2**20:.1f} MiB free, the last checkpoint has "
+                          f"{needed / 2**20:.1f} MiB; with --keep_checkpoints {keep} no older "
+                          f"file may be deleted to make room)")
+
+
+def save_rotating(obj, path: str, keep: int = 1, log=print):
     """Write ``obj`` to ``path`` atomically, keeping the ``keep - 1`` previous files as
     ``path``'s ``.1`` (newest) ... ``.{keep-1}`` (oldest) siblings."""
     if keep < 1:
         raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
     directory = os.path.dirname(os.path.abspath(path))
+    ensure_space(path, keep, log)
     tmp = _write_tmp(obj, directory)  # a failure here has touched nothing
 
     def rotate():
@@ -130,6 +215,37 @@ def save_rotating(obj, path: str, keep: int = 1):
     _install(tmp, path, directory, prepare=rotate)
 
 
+def quarantine(paths: list[str], log=print) -> list[str]:
+    """Move corrupt checkpoints aside as ``<name>.corrupt-<UTC time>``: kept for inspection,
+    never again a resume candidate nor rotated into a good file's place."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    moved = []
+    for p in paths:
+        if not os.path.isfile(p):
+            continue
+        dst = f"{p}.corrupt-{stamp}"
+        os.replace(p, dst)
+        moved.append(dst)
+        log(f"moved the corrupt checkpoint {p} aside to {dst}")
+    return moved
+
+
+def compact(path: str, keep: int) -> list[tuple[str, str]]:
+    """Renumber ``path`` and its rotated siblings that exist so they are contiguous from
+    ``path`` itself (the newest good file becomes ``checkpoint.pth``); returns the renames."""
+    existing = [rotated_name(path, k) for k in range(max(keep, 1) + 63)]
+    existing = [p for p in existing if os.path.isfile(p)]
+    renames = []
+    for k, p in enumerate(existing):
+        want = rotated_name(path, k)
+        if p != want:
+            os.replace(p, want)
+            renames.append((p, want))
+    if renames:
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return renames
+
+
 def remove_stale_tmp(directory: str) -> list[str]:
     """Temporary files of writes a crash interrupted (never a complete checkpoint)."""
     stale = glob.glob(os.path.join(glob.escape(directory), TMP_PREFIX + "*"))
@@ -149,6 +265,22 @@ def strip_prefix(state_dict: dict, prefixes=("module.",)) -> dict:
                 k = k[len(p):]
         out[k] = v
     return out
+
+
+def verify_crc(path: str) -> None:
+    """``CorruptCheckpointError`` naming the first zip entry whose CRC-32 does not match (a
+    flipped bit), or when the archive cannot be read. Pre-zip (legacy) files are not checked."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise CorruptCheckpointError(f"{path}: unreadable ({type(err).__name__}: {err})") \
+            from err
+    if bad is not None:
+        raise CorruptCheckpointError(f"{path}: checksum mismatch in entry {bad!r} (the file "
+                                     f"was changed after it was written)")
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -233,8 +365,10 @@ def _tensors(obj, prefix: str):
 
 
 def load_verified(paths: list[str], expected: dict, map_location="cpu", log=print,
-                  run_args: dict | None = None, convert=None) -> tuple[str, dict]:
-    """The newest of ``paths`` that loads and verifies; each rejected one is reported.
+                  run_args: dict | None = None, convert=None,
+                  rejected: list | None = None) -> tuple[str, dict]:
+    """The newest of ``paths`` that loads and verifies; each rejected one is reported (and
+    appended to ``rejected``). Checked: the zip CRCs, keys, shapes, finite values.
     ``convert`` (e.g. reference layout -> ours) runs on each loaded state before the checks.
 
     A corrupt file falls back to the next; an incompatible one (another model) is an error at
@@ -244,6 +378,7 @@ def load_verified(paths: list[str], expected: dict, map_location="cpu", log=prin
     problems = []
     for path in paths:
         try:
+            verify_crc(path)
             state = load_checkpoint(path, map_location=map_location)
             if convert is not None:
                 state = convert(state)
@@ -259,6 +394,8 @@ def load_verified(paths: list[str], expected: dict, map_location="cpu", log=prin
                 log(f"WARNING: falling back to {path} (epoch {state['epoch']}): the newer "
                     f"checkpoint(s) reported above are unusable")
             return path, state
+        if rejected is not None:
+            rejected.append(path)
         log(f"WARNING: checkpoint {problems[-1]}")
     raise CorruptCheckpointError(
         "no usable checkpoint: " + "; ".join(problems) + ". Delete or move these files to "
@@ -274,3 +411,30 @@ def find_resume_path(output_dir: str, load_from: str | None, resume: bool) -> st
         return path
     path = os.path.join(output_dir, "checkpoint.pth")
     return path if resume and os.path.isfile(path) else None
+
+
+def nonfinite_tensor(state: dict, parts=("student", "teacher", "optimizer", "ibot_loss")):
+    """The name of the first floating-point tensor with a NaN or an inf in ``state``, or None."""
+    for part in parts:
+        if part in state:
+            for name, t in _tensors(state[part], part):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    return name
+    return None
+
+
+def own_storage(obj):
+    """``obj`` with every tensor that is a view into a larger storage (e.g. the flat EMA
+    buffer of the fast step) cloned: ``torch.save`` writes a view's whole storage, so a
+    "backbone" file of views would carry the head's bytes too."""
+    if isinstance(obj, torch.Tensor):
+        if obj.untyped_storage().nbytes() != obj.numel() * obj.element_size():
+            return obj.clone()
+        return obj
+    if isinstance(obj, dict):
+        return {k: own_storage(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [own_storage(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(own_storage(v) for v in obj)
+    return obj

@@ -334,6 +334,8 @@ def convert(src: str, dst: str, fmt: str, which: str = "teacher", with_head: boo
         out = to_ibot_fast(state)
     else:
         out = export_backbone(state, fmt, which, with_head)
+    # Views into a bigger buffer (the fast step's flat EMA) would drag that whole buffer in.
+    out = ckpt.own_storage(out)
     ckpt.atomic_save(out, dst)
     return out
 

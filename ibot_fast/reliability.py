@@ -1,10 +1,14 @@
 """Surviving faults: preemption signals, non-finite steps, resumable data position, RNG states.
 
 * ``PreemptionHandler``: SIGTERM / SIGUSR1 (what SLURM, Kubernetes and torchrun send before a
-  kill) only set a flag; the trainer finishes the step it is in, agrees with the other ranks at
-  the next sync point, writes a checkpoint with the exact mid-epoch position and exits with
-  ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL: "try again"), so a wrapper can tell "requeue me" from a
-  crash (1) or a non-finite stop (``EXIT_NONFINITE``, 3).
+  kill) and SIGINT (Ctrl-C) only set a flag; the trainer finishes the step it is in, agrees
+  with the other ranks at the next sync point, writes a checkpoint with the exact mid-epoch
+  position and exits with ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL: "try again"; 130 for SIGINT, as
+  a shell reports Ctrl-C), so a wrapper can tell "requeue me" from a crash (1) or a non-finite
+  stop (``EXIT_NONFINITE``, 3). A second SIGINT stops at once (``KeyboardInterrupt``). Loader
+  workers ignore these signals (``ignore_stop_signals``): a signal to the whole process group
+  (a terminal, SLURM) reaches the main process, which owns them, and does not kill a worker.
+* ``OutputDirLock``: one trainer per ``--output_dir`` (``fcntl.flock`` on ``.lock``).
 * ``NonFiniteMonitor``: every step records on the device whether the loss and the gradients were
   finite (no host sync). ``--on_nan stop`` reads the record at the logging sync, all ranks at
   once; ``--on_nan skip`` has to know before the optimiser step (torch's AdamW keeps its step
@@ -17,9 +21,12 @@
 """
 from __future__ import annotations
 
+import fcntl
 import math
+import os
 import random
 import signal
+import socket
 import threading
 
 import numpy as np
@@ -29,8 +36,18 @@ from torch.utils.data import DistributedSampler
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h: the job was fine, run it again to continue
 EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for Ctrl-C
+EXIT_USAGE = 2  # as argparse: the command line (or what it points at) is wrong
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+# ``--on_nan skip``: an epoch in which more than this share of the steps were skipped stops the
+# run (exit 3) instead of saving it: such a run is not learning, whatever its exit code says.
+MAX_SKIPPED_SHARE = 0.5
+
+
+def exit_code_for(signum: int | None) -> int:
+    return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
 
 
 class TrainingStopped(SystemExit):
@@ -50,35 +67,128 @@ def _distributed() -> bool:
 
 # ---------------------------------------------------------------------------------- preemption
 class PreemptionHandler:
-    """Context manager: while active, SIGTERM/SIGUSR1 set ``signum`` instead of killing us."""
+    """Context manager: while active, SIGTERM/SIGUSR1/SIGINT set ``signum`` instead of killing
+    us. Re-entrant (``main`` holds it for the whole run, ``Trainer.train`` again).
+
+    ``immediate``: a callable run from the handler instead of setting the flag, for phases that
+    have nothing to save (after the last epoch); it may raise to stop at once. A second SIGINT
+    raises ``KeyboardInterrupt`` (Ctrl-C twice: stop now).
+    """
 
     def __init__(self, signals=PREEMPTION_SIGNALS):
         self.signals = signals
         self.signum: int | None = None
+        self.immediate = None
         self._previous: dict = {}
+        self._depth = 0
 
     def _handle(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-            name = signal.Signals(signum).name
-            print(f"[ibot_fast] {name} received: finishing the current step, then writing a "
-                  f"checkpoint and exiting with code {EXIT_PREEMPTED}", flush=True)
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        if self.immediate is not None:
+            self.immediate()
+            return
+        name = signal.Signals(signum).name
+        print(f"[ibot_fast] {name} received: finishing the current step, then writing a "
+              f"checkpoint and exiting with code {exit_code_for(signum)}"
+              + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""),
+              flush=True)
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
+    @property
+    def exit_code(self) -> int:
+        return exit_code_for(self.signum)
+
     def __enter__(self):
+        self._depth += 1
         # Signal handlers can only be installed from the main thread (tests may use others).
-        if threading.current_thread() is threading.main_thread():
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
-        for sig, prev in self._previous.items():
-            signal.signal(sig, prev)
-        self._previous.clear()
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, prev in self._previous.items():
+                signal.signal(sig, prev)
+            self._previous.clear()
+        return False
+
+
+def ignore_stop_signals() -> None:
+    """In a loader worker: SIGTERM/SIGUSR1/SIGINT are the main process's business (it finishes
+    the step, saves and shuts the workers down); a worker killed by a group-wide signal would
+    turn a preemption into a crash."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+# ------------------------------------------------------------------------------------ lock
+class OutputDirLock:
+    """An exclusive ``fcntl.flock`` on ``<output_dir>/.lock`` for the whole run (rank 0).
+
+    The file holds the holder's pid and host. A second trainer on the directory gets
+    ``TrainingStopped(EXIT_USAGE)`` naming them. The kernel drops the lock when its process
+    dies, so a file left by a dead trainer (lock free, content still there) is taken over with
+    a message. The file is never deleted: deleting it could let two trainers lock two
+    different files of the same name.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, self.NAME)
+        self._f = None
+
+    def acquire(self, log=print) -> "OutputDirLock":
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown pid and host"
+            f.close()
+            raise TrainingStopped(EXIT_USAGE, (
+                f"another trainer ({holder}) is running on --output_dir "
+                f"{os.path.dirname(self.path)!r} (it holds {self.path}). Two trainers would "
+                f"overwrite each other's checkpoints and logs: wait for it to finish, stop it, "
+                f"or choose another --output_dir."))
+        f.seek(0)
+        previous = f.read().strip()
+        if previous:
+            log(f"taking over the lock {self.path} left by {previous}: that process is gone "
+                f"(its lock was released)")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        f.flush()
+        self._f = f
+        return self
+
+    def release(self) -> None:
+        if self._f is None:
+            return
+        try:
+            self._f.seek(0)
+            self._f.truncate()  # an empty file: a clean exit, nothing to take over
+            self._f.flush()
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
+        finally:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
         return False
 
 
@@ -238,6 +348,16 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (one all-reduce; a single process: the
+    flag itself)."""
+    if not _distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def gather_objects(obj, world_size: int) -> list:

@@ -42,9 +42,11 @@ from ibot_fast.loss import IBOTLoss
 from ibot_fast.masking import MaskGenerator
 from ibot_fast.models import build_ibot_models
 from ibot_fast.optim import set_schedules
-from ibot_fast.reliability import (EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteMonitor,
-                                   PreemptionHandler, TrainingStopped, gather_objects,
+from ibot_fast.reliability import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE,
+                                   MAX_SKIPPED_SHARE, NonFiniteMonitor, OutputDirLock,
+                                   PreemptionHandler, TrainingStopped, any_rank, gather_objects,
                                    rng_state, set_rng_state)
+from ibot_fast.resume import ResumeUsageError, compare_flags, steps_logged_after
 from ibot_fast.schedules import cosine_scheduler
 from ibot_fast.step import build_step_path
 
@@ -296,10 +298,21 @@ class Trainer:
         }
 
     def save(self, epoch: int, path: str | None = None, position: dict | None = None):
-        """Rank 0 writes; callers make sure the state is finite (a sync point came first)."""
-        if not self.info.is_main and not self._fsdp:
-            return
+        """Rank 0 writes. A state with a non-finite tensor is never written, whatever
+        ``--on_nan`` says: every rank checks its replica (the same verdict everywhere) and the
+        run stops with exit code 3."""
         state = self.state_dict(epoch, position)  # --fsdp: every rank gathers the shards
+        if self.info.is_main or not self._fsdp:  # FSDP: only rank 0 holds full tensors
+            bad = ckpt.nonfinite_tensor(state)
+            if bad:
+                where = (f"after step {position['steps']} of epoch {epoch}" if position
+                         else f"at the end of epoch {epoch - 1}")
+                msg = (f"non-finite values in {bad} {where} (the steps' losses and gradients "
+                       f"were finite: the optimiser state or the weights went bad). This state "
+                       f"was not saved. {self._kept()}Look for a damaged checkpoint or lower "
+                       f"--lr. Exit code {EXIT_NONFINITE}.")
+                log(msg, self.info)
+                raise TrainingStopped(EXIT_NONFINITE, msg)
         if not self.info.is_main:
             return
         out = self.args.output_dir
@@ -307,7 +320,8 @@ class Trainer:
             ckpt.atomic_save(state, path)
             return
         ckpt.save_rotating(state, os.path.join(out, "checkpoint.pth"),
-                           keep=self.args.keep_checkpoints)
+                           keep=self.args.keep_checkpoints,
+                           log=lambda m: log(m, self.info))
         freq = self.args.saveckp_freq
         if position is None and freq and epoch % freq == 0:
             ckpt.atomic_save(state, os.path.join(out, f"checkpoint{epoch:04}.pth"))
@@ -319,10 +333,24 @@ class Trainer:
                     "teacher": self.teacher.state_dict(),
                     "ibot_loss": self.ibot_loss.state_dict()}
         from ibot_fast.convert import to_ibot_fast  # bytedance/ibot checkpoints (convert.py)
+        self._rejected = []  # corrupt files newer than the one used: moved aside in train()
         path, state = ckpt.load_verified(paths, expected, map_location=self.device,
                                          log=lambda m: log(m, self.info),
                                          run_args=ckpt.args_to_dict(self.args),
-                                         convert=to_ibot_fast)  # verified after conversion
+                                         convert=to_ibot_fast,  # verified after conversion
+                                         rejected=self._rejected)
+        old_args = state.get("args")
+        old_args = vars(old_args) if hasattr(old_args, "__dict__") else old_args
+        try:  # model flags refused, schedule / data / batch changes named (ibot_fast/resume.py)
+            changes = compare_flags(old_args, ckpt.args_to_dict(self.args), path=path,
+                                    epoch=int(state["epoch"]), position=state.get("position"),
+                                    dataset_size=len(self.dataset),
+                                    world_size=self.info.world_size)
+        except ResumeUsageError as err:
+            log(f"error: {err}", self.info)
+            raise TrainingStopped(EXIT_USAGE, str(err)) from err
+        for line in changes:
+            log(f"WARNING: resuming with a changed flag: {line}", self.info)
         self.path.load_network_state(state)  # --fsdp: split into this rank's shards
         self.ibot_loss.load_state_dict(state["ibot_loss"])
         if self.scaler is not None and state.get("fp16_scaler"):
@@ -338,7 +366,12 @@ class Trainer:
                     f"epoch goes on from its sample {p['samples']} with global batch "
                     f"{self.args.batch_size_per_gpu * self.info.world_size}; drop-path draws are "
                     f"re-seeded (see README, 'Faults')", self.info)
-        log(f"resumed from {path} at epoch {self.start_epoch}{where}", self.info)
+        first_it = self._old_numbering_it()  # steps.jsonl numbers as the interrupted run did
+        n, last = steps_logged_after(self._log_files()[1], first_it)
+        redone = (f"; the interrupted run had got to iteration {last}: {last - first_it + 1} "
+                  f"step(s) after the checkpoint are redone and their {n} steps.jsonl "
+                  f"record(s) replaced" if last is not None else "")
+        log(f"resumed from {path} at epoch {self.start_epoch}{where}{redone}", self.info)
 
     # ------------------------------------------------------------------------------------------
     def _log_files(self):
@@ -350,10 +383,8 @@ class Trainer:
         for path in self._log_files():
             if not os.path.isfile(path):
                 continue
-            pos = self._resume_pos
             # a mid-epoch resume keeps the step records of the steps already done
-            resume_it = (self.start_epoch * self.iters_per_epoch + self._start_step(pos)
-                         if pos else -1)
+            resume_it = self._old_numbering_it() if self._resume_pos else -1
             with open(path) as f:
                 recs = [json.loads(ln) for ln in f if ln.strip()]
             keep = [json.dumps(r) + "\n" for r in recs if r.get("epoch", 0) < self.start_epoch
@@ -361,11 +392,28 @@ class Trainer:
             with open(path, "w") as f:
                 f.writelines(keep)
 
+    def _old_numbering_it(self) -> int:
+        """The first iteration after the checkpoint, numbered as the run that wrote it did
+        (its steps per epoch: another --batch_size_per_gpu or world size changes them)."""
+        pos = self._resume_pos
+        if not pos:
+            return self.start_epoch * self.iters_per_epoch
+        ipe = int(pos.get("iters_per_epoch", self.iters_per_epoch))
+        steps = int(pos["steps"]) if "iters_per_epoch" in pos else self._start_step(pos)
+        return self.start_epoch * ipe + steps
+
+    def _kept(self) -> str:
+        newest = ckpt.resume_candidates(self.args.output_dir,
+                                        self.args.keep_checkpoints)
+        return (f"The newest checkpoint, {newest[0]}, is finite and untouched. " if newest
+                else "No checkpoint was written yet. ")
+
     def _append(self, path: str, record: dict):
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def train(self):
+    def train(self) -> bool:
+        """Train to ``--epochs``; False when the checkpoint had already got there."""
         args, info = self.args, self.info
         if info.is_main:
             os.makedirs(args.output_dir, exist_ok=True)
@@ -375,15 +423,32 @@ class Trainer:
             if stale:
                 log(f"removed {len(stale)} temporary file(s) of an interrupted checkpoint write",
                     info)
+        keep = args.keep_checkpoints
+        self._rejected = []
         if args.load_from:
             self.load(ckpt.find_resume_path(args.output_dir, args.load_from, args.resume))
+            self._rejected = []  # an explicit file: the directory's files are left as they are
         elif args.resume:
-            candidates = ckpt.resume_candidates(args.output_dir,
-                                                args.keep_checkpoints)
+            candidates = ckpt.resume_candidates(args.output_dir, keep)
             if candidates:
                 self.load(candidates)
+        if self._rejected:  # after every rank has read its file: rotation never keeps these
+            if is_distributed():
+                dist.barrier()
+            if info.is_main:
+                ckpt.quarantine(self._rejected, log=lambda m: log(m, info))
+                base = os.path.join(args.output_dir, "checkpoint.pth")
+                for a, b in ckpt.compact(base, keep):
+                    log(f"renamed {a} to {b}: the good checkpoints are numbered from the newest",
+                        info)
+        if self.start_epoch >= args.epochs:
+            log(f"already trained to epoch {self.start_epoch} (--epochs {args.epochs}); nothing "
+                f"to do", info)
+            return False
         if info.is_main:
             self._truncate_logs()
+            ckpt.ensure_space(os.path.join(args.output_dir, "checkpoint.pth"), keep,
+                              log=lambda m: log(m, info))
         epoch_log, step_log = self._log_files()
         global_batch = args.batch_size_per_gpu * info.world_size
         log(f"{args.arch}/{args.patch_size} on {info.world_size} process(es) "
@@ -393,20 +458,28 @@ class Trainer:
         from ibot_fast.eval.monitor import TrainingMonitor  # --knn_every, --tensorboard
         monitor = TrainingMonitor(self)
         monitor.start(self.start_epoch)
-        with self.preemption:  # SIGTERM/SIGUSR1 only set a flag while we train
+        with self.preemption:  # SIGTERM/SIGUSR1/SIGINT only set a flag while we train
+            if any_rank(self.preemption.requested, self.device):  # during the set-up
+                # nothing new to save
+                self._exit_preempted(None, "before the first step")
             for epoch in range(self.start_epoch, args.epochs):
                 stats = self.train_one_epoch(epoch, epoch_log, step_log)
+                if self.skipped > MAX_SKIPPED_SHARE * self.iters_per_epoch:
+                    self._stop_skipped(epoch)
                 self.save(epoch + 1)
                 # a signal during the epoch's last step or its save: the epoch checkpoint is
                 # the resume point
                 _, stop = self.nonfinite.sync(self.preemption.requested)
-                if stop and epoch + 1 < args.epochs:
+                if stop:
                     self._exit_preempted(os.path.join(args.output_dir, "checkpoint.pth"),
-                                         f"after epoch {epoch}")
+                                         f"after epoch {epoch}" if epoch + 1 < args.epochs
+                                         else f"of the finished run (epoch {epoch + 1}); the "
+                                              f"end-of-run work (k-NN, loss curve) was skipped")
                 monitor.epoch_end(epoch, stats)
         monitor.close()
         if is_distributed():
             dist.barrier()
+        return True
 
     # ------------------------------------------------------------------------------------------
     def _start_step(self, pos: dict) -> int:
@@ -416,13 +489,24 @@ class Trainer:
             return int(pos["steps"])
         return int(pos["samples"]) // (self.args.batch_size_per_gpu * self.info.world_size)
 
-    def _exit_preempted(self, path: str, where: str):
+    def _exit_preempted(self, path: str | None, where: str, lost: str = ""):
+        """Exit 75 (130 for SIGINT) naming what is on disk; ``path`` None: nothing was written
+        by this run (``lost`` says why, e.g. a full disk)."""
         sig = self.preemption.signum
         by = signal.Signals(sig).name if sig else "a signal on another rank"
-        msg = (f"preempted ({by}): checkpoint {path} holds the state {where}. Run the same "
-               f"command again to resume exactly there. Exit code {EXIT_PREEMPTED}.")
+        code = self.preemption.exit_code
+        if path is not None:
+            kept = f"checkpoint {path} holds the state {where}. Run the same command again to " \
+                   f"resume exactly there."
+        else:
+            kept = (f"stopped {where}{lost}. {self._kept()}Run the same command again to "
+                    f"resume from it." if ckpt.resume_candidates(self.args.output_dir, 64)
+                    else f"stopped {where}{lost}; no checkpoint exists yet. Run the same "
+                         f"command again to start.")
+        msg = f"{'interrupted' if code == EXIT_INTERRUPTED else 'preempted'} ({by}): {kept} " \
+              f"Exit code {code}."
         log(msg, self.info)
-        raise TrainingStopped(EXIT_PREEMPTED, msg)
+        raise TrainingStopped(code, msg)
 
     def _preempt(self, epoch: int, steps_done: int, sums: torch.Tensor, steps: int):
         """Write a mid-epoch checkpoint (weights after ``steps_done`` steps of ``epoch``, the
@@ -435,18 +519,32 @@ class Trainer:
         position = {"epoch": epoch, "steps": steps_done, "samples": steps_done * b * w,
                     "world_size": w, "batch_size_per_gpu": b, "metric_sums": sums.tolist(),
                     "metric_steps": steps, "skipped": self.skipped,
-                    "rng": gather_objects(rng_state(self.device), w)}
-        self.save(epoch, position=position)
+                    "rng": gather_objects(rng_state(self.device), w),
+                    # what a resume checks: the same data (ibot_fast/resume.py) and numbering
+                    "dataset_size": len(self.dataset), "iters_per_epoch": self.iters_per_epoch}
+        try:
+            self.save(epoch, position=position)
+        except OSError as err:  # a full disk: the previous checkpoint is intact, say so
+            if ckpt.full_disk_cause(err) is None:
+                raise
+            self._exit_preempted(None, f"after step {steps_done} of epoch {epoch}",
+                                 lost=f", but its mid-epoch checkpoint could not be written "
+                                      f"({os.strerror(err.errno)}; free some space)")
         self._exit_preempted(os.path.join(self.args.output_dir, "checkpoint.pth"),
                              f"after step {steps_done} of epoch {epoch}")
 
+    def _stop_skipped(self, epoch: int):
+        msg = (f"--on_nan skip skipped {self.skipped} of the {self.iters_per_epoch} steps of "
+               f"epoch {epoch} (more than {MAX_SKIPPED_SHARE:.0%}): this run is not learning. "
+               f"Training stopped; this epoch was not saved. {self._kept()}Look for a damaged "
+               f"checkpoint or data, try a lower --lr or --precision fp32. Exit code "
+               f"{EXIT_NONFINITE}.")
+        log(msg, self.info)
+        raise TrainingStopped(EXIT_NONFINITE, msg)
+
     def _stop_nonfinite(self, bad: dict, epoch: int):
         msg = self.nonfinite.describe(bad, epoch, self.iters_per_epoch)
-        newest = ckpt.resume_candidates(self.args.output_dir,
-                                        self.args.keep_checkpoints)
-        kept = (f"The newest checkpoint, {newest[0]}, is finite and untouched. " if newest
-                else "No checkpoint was written yet. ")
-        msg = (f"{msg}. Training stopped (--on_nan stop); this state was not saved. {kept}"
+        msg = (f"{msg}. Training stopped (--on_nan stop); this state was not saved. {self._kept()}"
                f"Try a lower --lr, --precision bf16 or fp32 instead of fp16, a smaller "
                f"--clip_grad, or --on_nan skip. Exit code {EXIT_NONFINITE}.")
         log(msg, self.info)
@@ -567,18 +665,40 @@ def plot_loss_curve(output_dir: str) -> str | None:
 
 def main(argv=None):
     args = parse_args(argv)
-    info = init_distributed(args.device)
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0:  # one trainer per --output_dir, before any work
+        os.makedirs(args.output_dir, exist_ok=True)
+        try:
+            lock = OutputDirLock(args.output_dir).acquire(log=log)
+        except TrainingStopped as err:
+            print(f"[ibot_fast] error: {err}", file=sys.stderr, flush=True)
+            raise
+    # From here a signal is a clean stop (before the loop, in it and after it), not a kill.
+    handler = PreemptionHandler()
     trainer = None
     try:
-        trainer = Trainer(args, info)
-        trainer.train()
-        if info.is_main:
-            png = plot_loss_curve(args.output_dir)
-            if png:
-                log(f"loss curve: {png}")
-            if args.knn_eval:
-                from ibot_fast.eval.knn import evaluate_run
-                evaluate_run(trainer)
+        with handler:
+            info = init_distributed(args.device)
+            trainer = Trainer(args, info)
+            trainer.preemption = handler
+            trained = trainer.train()
+            if trained and info.is_main:
+                handler.immediate = lambda: _stop_after_training(handler, args)
+                if handler.requested:  # it came during the final barrier
+                    _stop_after_training(handler, args)
+                png = plot_loss_curve(args.output_dir)
+                if png:
+                    log(f"loss curve: {png}")
+                if args.knn_eval:
+                    from ibot_fast.eval.knn import evaluate_run
+                    evaluate_run(trainer)
+    except KeyboardInterrupt:  # Ctrl-C twice (or before the handler existed)
+        newest = ckpt.resume_candidates(args.output_dir, 64)
+        kept = (f"the newest checkpoint on disk is {newest[0]}; run the same command again to "
+                f"resume from it" if newest else "no checkpoint was written")
+        log(f"interrupted again: stopped at once, the current step and its checkpoint were "
+            f"dropped; {kept}. Exit code {EXIT_INTERRUPTED}.")
+        raise SystemExit(EXIT_INTERRUPTED) from None
     finally:
         # Free the models and their communication state (FSDP keeps gloo work objects holding
         # tensors) while the interpreter is fully alive, then the process group: freed during
@@ -587,6 +707,18 @@ def main(argv=None):
         del trainer
         gc.collect()
         cleanup()
+        if lock is not None:
+            lock.release()
+
+
+def _stop_after_training(handler: PreemptionHandler, args):
+    """A signal after the last epoch: the final checkpoint is on disk; skip the rest."""
+    name = signal.Signals(handler.signum).name
+    msg = (f"{name} after the last epoch: {os.path.join(args.output_dir, 'checkpoint.pth')} "
+           f"holds the finished run (epoch {args.epochs}); the loss curve / k-NN evaluation "
+           f"were skipped. Exit code {handler.exit_code}.")
+    log(msg)
+    raise TrainingStopped(handler.exit_code, msg)
 
 
 if __name__ == "__main__":

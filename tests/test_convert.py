@@ -466,3 +466,35 @@ def test_round_trip_of_an_ibot_fast_checkpoint(tmp_path):
                                    rtol=1e-5, atol=1e-5)
     with pytest.raises(SystemExit):
         convert.main([str(path), str(tmp_path / "x.pth"), "--to", "onnx"])
+
+
+def test_exports_of_a_fast_step_checkpoint_own_their_tensors(tmp_path):
+    """--fast_step true keeps the teacher's parameters as views of one flat EMA buffer: the
+    exported backbone / timm files hold only their own tensors' bytes (the same size as from
+    a default run, within the zip's per-entry overhead), and the full checkpoint written by a
+    fast-step run is no larger than a default run's."""
+    from ibot_fast.train import Trainer
+
+    sizes = {}
+    for fast in ("false", "true"):
+        run = tmp_path / f"fast_{fast}"
+        tr = Trainer(parse_args(_tiny_argv(run, "--fast_step", fast)))
+        tr.save(1)
+        if fast == "true":  # the case this test is about: exports of views
+            views = [k for k, v in tr.teacher.state_dict().items()
+                     if v.untyped_storage().nbytes() > v.numel() * v.element_size()]
+            assert views, "the fast step no longer keeps the teacher in a flat buffer"
+        del tr
+        ck = run / "checkpoint.pth"
+        sizes[fast, "checkpoint"] = ck.stat().st_size
+        for fmt in ("backbone", "timm"):
+            dst = tmp_path / f"{fmt}_{fast}.pth"
+            convert.main([str(ck), str(dst), "--to", fmt])
+            sd = torch.load(dst, weights_only=True)
+            tensor_bytes = sum(v.numel() * v.element_size() for v in sd.values())
+            sizes[fast, fmt] = dst.stat().st_size
+            # what is not tensor data: zip headers and the pickled key names, ~1 KB a tensor
+            assert tensor_bytes <= sizes[fast, fmt] <= tensor_bytes + 1024 * (len(sd) + 8), fmt
+    for fmt in ("backbone", "timm"):
+        assert abs(sizes["true", fmt] - sizes["false", fmt]) <= 64 * 1024, (fmt, sizes)
+    assert sizes["true", "checkpoint"] <= sizes["false", "checkpoint"] * 1.001, sizes

@@ -22,16 +22,21 @@ from torch.utils.data import DataLoader, Dataset
 from ibot_fast.data.dataset import (_BAD_IMAGE_ERRORS, collate_multicrop, decode_image,
                                     list_image_folder)
 from ibot_fast.data.transforms import to_tensor_normalize
-from ibot_fast.reliability import ResumableDistributedSampler
+from ibot_fast.reliability import ResumableDistributedSampler, ignore_stop_signals
 
 
 def seed_worker(worker_id: int) -> None:
-    """worker_init_fn: seed Python `random` and numpy from this worker's torch seed.
+    """worker_init_fn: seed Python `random` and numpy from this worker's torch seed, and leave
+    SIGTERM/SIGUSR1/SIGINT to the main process.
 
     The DataLoader has already set torch's seed (and Python's) to `base_seed + worker_id`, with a
     fresh `base_seed` for every epoch's iterator; we derive numpy's from it too so that no two
-    workers (or epochs) share a numpy stream.
+    workers (or epochs) share a numpy stream. A signal sent to the whole process group (Ctrl-C,
+    `kill -TERM -<pgid>`, SLURM) would otherwise kill the workers (torch's worker handler dies on
+    a SIGTERM from anyone but the parent) while the main process is still finishing its step and
+    writing the preemption checkpoint; the main process shuts the workers down itself.
     """
+    ignore_stop_signals()
     seed = torch.initial_seed()
     random.seed(seed)
     np.random.seed(seed % 2**32)
