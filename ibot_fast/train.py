@@ -555,7 +555,8 @@ class Trainer:
 
 
 def plot_loss_curve(output_dir: str) -> str | None:
-    """loss_curve.png: loss terms, lr / wd and teacher temperatures (ibot_fast/viz/curves.py)."""
+    """loss_curve.png: loss terms, teacher k-NN, lr / wd and teacher temperatures
+    (ibot_fast/viz/curves.py)."""
     from ibot_fast.viz.curves import plot_training_curves
     return plot_training_curves(output_dir)
 
@@ -568,12 +569,12 @@ def main(argv=None):
         trainer = Trainer(args, info)
         trainer.train()
         if info.is_main:
+            if args.knn_eval:  # first: the curves draw the random init's k-NN from knn.json
+                from ibot_fast.eval.knn import evaluate_run
+                evaluate_run(trainer)
             png = plot_loss_curve(args.output_dir)
             if png:
                 log(f"loss curve: {png}")
-            if args.knn_eval:
-                from ibot_fast.eval.knn import evaluate_run
-                evaluate_run(trainer)
     finally:
         # Free the models and their communication state (FSDP keeps gloo work objects holding
         # tensors) while the interpreter is fully alive, then the process group: freed during
