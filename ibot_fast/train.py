@@ -658,7 +658,8 @@ def _hms(seconds: float) -> str:
 
 
 def plot_loss_curve(output_dir: str) -> str | None:
-    """loss_curve.png: loss terms, lr / wd and teacher temperatures (ibot_fast/viz/curves.py)."""
+    """loss_curve.png: loss terms, teacher k-NN, lr / wd and teacher temperatures
+    (ibot_fast/viz/curves.py)."""
     from ibot_fast.viz.curves import plot_training_curves
     return plot_training_curves(output_dir)
 
@@ -686,12 +687,12 @@ def main(argv=None):
                 handler.immediate = lambda: _stop_after_training(handler, args)
                 if handler.requested:  # it came during the final barrier
                     _stop_after_training(handler, args)
+                if args.knn_eval:  # first: the curves draw the random init's k-NN from knn.json
+                    from ibot_fast.eval.knn import evaluate_run
+                    evaluate_run(trainer)
                 png = plot_loss_curve(args.output_dir)
                 if png:
                     log(f"loss curve: {png}")
-                if args.knn_eval:
-                    from ibot_fast.eval.knn import evaluate_run
-                    evaluate_run(trainer)
     except KeyboardInterrupt:  # Ctrl-C twice (or before the handler existed)
         newest = ckpt.resume_candidates(args.output_dir, 64)
         kept = (f"the newest checkpoint on disk is {newest[0]}; run the same command again to "

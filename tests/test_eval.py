@@ -254,10 +254,10 @@ def test_periodic_knn_curves_and_tensorboard_during_training(tmp_path, capsys):
         assert "TensorBoard scalars skipped" in log
     else:
         assert any((out / "tf_logs").iterdir())
-    # the curves: loss, lr / wd and the teacher temperatures (three panels)
+    # the curves: loss, the teacher's k-NN, lr / wd and the teacher temperatures (four panels)
     from PIL import Image
     with Image.open(out / "loss_curve.png") as im:
-        assert im.size == (int(3 * 4.2 * 120), int(3.4 * 120))
+        assert im.size == (int(4 * 4.2 * 120), int(3.4 * 120))
 
 
 def test_periodic_knn_log_is_truncated_on_resume(tmp_path):

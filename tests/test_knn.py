@@ -88,13 +88,90 @@ def test_demo_preset_end_to_end(tmp_path, capsys):
     assert "random init" in capsys.readouterr().out
 
 
+# What "the demo learns" means, checked on the logs a demo run leaves (log.txt: one line per
+# epoch; steps.jsonl: every --log_freq steps; knn.jsonl: the teacher's k-NN after every epoch).
+# Epoch means, not single steps: a step's loss moves by ~1 with the masking ratio drawn for it.
+LOSS_NOISE = 0.05      # an epoch mean may exceed the previous one by this much in the last half
+CLS_MARGIN = 0.5       # the last epoch's [CLS] loss stays this far below ln K, at every record
+
+
+# The current demo recipe's [CLS] head collapses (README, "Demo result"): the full-demo test
+# reports the learning criteria as an expected failure, after its hard k-NN assertions, until a
+# recipe that passes them is found; then set this to False.
+DEMO_KNOWN_TO_COLLAPSE = True
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def demo_learning_failures(epochs: list[dict], steps: list[dict], knn: list[dict],
+                           out_dim: int) -> list[str]:
+    """What is wrong with a demo run's curves ([] when nothing is): the mean loss of the last
+    epoch is not below the first's; an epoch of the last half is above the one before it by
+    more than LOSS_NOISE; a [CLS] loss record of the last epoch is within CLS_MARGIN of
+    ln K (the head's outputs uniform, the collapse); the teacher's k-NN top-1 (k = 20) of the
+    last epoch is not above that of the first."""
+    bad = []
+    loss = [e["train_loss"] for e in sorted(epochs, key=lambda e: e["epoch"])]
+    if not loss[-1] < loss[0]:
+        bad.append(f"last epoch's mean loss {loss[-1]:.3f} is not below the first's "
+                   f"{loss[0]:.3f}")
+    for e in range(max(1, len(loss) // 2), len(loss)):
+        if loss[e] > loss[e - 1] + LOSS_NOISE:
+            bad.append(f"epoch {e}'s mean loss {loss[e]:.3f} rose above epoch {e - 1}'s "
+                       f"{loss[e - 1]:.3f}")
+    last = max(r["epoch"] for r in steps)
+    worst = max(r["cls"] for r in steps if r["epoch"] == last)
+    if worst > math.log(out_dim) - CLS_MARGIN:
+        bad.append(f"[CLS] loss {worst:.3f} in the last epoch is at ln K = "
+                   f"{math.log(out_dim):.3f} (uniform head outputs)")
+    top1 = [r["knn"]["20"]["top1"] for r in sorted(knn, key=lambda r: r["epoch"])]
+    if not top1[-1] > top1[0]:
+        bad.append(f"teacher k-NN top-1 (k=20) did not improve: {top1[0]} after the first "
+                   f"epoch, {top1[-1]} after the last")
+    return bad
+
+
+def test_demo_criteria_reject_the_collapsed_curve():
+    """The criteria on the shape of a collapsed demo (the [CLS] loss back at ln K = 6.24 and
+    the total loss rising over the last epochs), on a healthy one, and on each rule alone."""
+    def epochs(losses):
+        return [{"epoch": e, "train_loss": v} for e, v in enumerate(losses)]
+
+    def steps(cls_last):
+        return [{"epoch": 0, "cls": 6.0}, {"epoch": 4, "cls": 4.0}, {"epoch": 4, "cls": cls_last}]
+
+    knn = lambda *top1: [{"epoch": e, "knn": {"20": {"top1": v}}}  # noqa: E731
+                         for e, v in enumerate(top1)]
+    collapsed = demo_learning_failures(epochs([9.05, 8.46, 8.72, 8.9, 9.3]), steps(6.24),
+                                       knn(49.0, 51.5, 55.9, 57.0, 59.7), 512)
+    assert len(collapsed) == 5 and "ln K" in collapsed[-1], collapsed  # 1 + 3 rises + ln K
+    healthy = (epochs([9.0, 8.0, 7.5, 7.2, 7.1]), steps(4.5), knn(50.0, 60.0, 70.0, 72.0, 75.0))
+    assert demo_learning_failures(*healthy, 512) == []
+    # within the noise allowance a flat end passes; a real rise does not
+    assert demo_learning_failures(epochs([9.0, 8.0, 7.5, 7.54, 7.5]), *healthy[1:], 512) == []
+    assert len(demo_learning_failures(epochs([9.0, 8.0, 7.5, 7.7, 7.5]), *healthy[1:], 512)) == 1
+    assert len(demo_learning_failures(healthy[0], healthy[1], knn(60.0, 55.0), 512)) == 1
+
+
 @pytest.mark.slow
-def test_full_demo_teacher_beats_random_init(tmp_path):
-    """The README's acceptance claim, run in full (~4 min on 2 cores): after the demo's 625
-    steps the teacher's k-NN top-1 is above the random-init network's at every k. Measured
-    margins are >= 10 points (README), so this is not a coin flip."""
+def test_full_demo_learns_and_beats_random_init(tmp_path):
+    """The README's acceptance claims, run in full (`make demo`'s job, ~4 min on 2 idle
+    cores): the loss goes down and stays down, the [CLS] term is off ln K in the last epoch,
+    the teacher's k-NN improves over the epochs (evaluated after every one), and at the end
+    the teacher's k-NN top-1 is above the random-init network's at every k."""
+    from ibot_fast.config import PRESETS
+
     out = tmp_path / "demo"
     train_main(["--preset", "demo", "--output_dir", str(out), "--progress", "false"])
     res = json.loads((out / "knn.json").read_text())["results"]
     for k in ("10", "20", "100", "200"):
         assert res["teacher (trained)"][k]["top1"] > res["random init"][k]["top1"], (k, res)
+    assert len(_jsonl(out / "knn.jsonl")) == PRESETS["demo"]["epochs"]
+    failures = demo_learning_failures(_jsonl(out / "log.txt"), _jsonl(out / "steps.jsonl"),
+                                      _jsonl(out / "knn.jsonl"), PRESETS["demo"]["out_dim"])
+    if failures and DEMO_KNOWN_TO_COLLAPSE:
+        pytest.xfail(f"the demo recipe still collapses (README, Demo result): {failures}")
+    assert failures == [], failures

@@ -93,3 +93,75 @@ def test_render_and_prepare_image_shapes():
     assert pic.size == (3 * 40, 2 * 32)
     with pytest.raises(ValueError, match="image_size"):
         prepare_image(img, 4, 8)
+
+
+# ------------------------------------------------------------------- training curves
+def _write_run(root, epochs=3, steps=4, knn=True, final=True):
+    """A run directory as the trainer leaves it: steps.jsonl (every step), args.json, and the
+    periodic (knn.jsonl) and final (knn.json) k-NN records."""
+    import json
+
+    with open(root / "steps.jsonl", "w") as f:
+        for e in range(epochs):
+            for s in range(steps):
+                it = e * steps + s
+                f.write(json.dumps({"epoch": e, "it": it, "loss": 9.0 - 0.1 * it,
+                                    "cls": 6.0 - 0.1 * it, "patch": 3.0, "lr": 1e-4,
+                                    "wd": 0.04}) + "\n")
+    (root / "args.json").write_text(json.dumps(dict(
+        epochs=epochs, warmup_teacher_temp_epochs=1, warmup_teacher_temp=0.04,
+        teacher_temp=0.04, warmup_teacher_patch_temp=0.04, teacher_patch_temp=0.07,
+        out_dim=512)))
+    table = lambda top1: {k: {"top1": top1 + i, "top5": 90.0}  # noqa: E731
+                          for i, k in enumerate(("10", "20", "100", "200"))}
+    if knn:
+        with open(root / "knn.jsonl", "w") as f:
+            for e in range(epochs):
+                f.write(json.dumps({"epoch": e, "knn": table(50.0 + 5 * e), "nmi": 0.1,
+                                    "ari": 0.1}) + "\n")
+    if final:
+        (root / "knn.json").write_text(json.dumps({"results": {
+            "teacher (trained)": table(60.0), "random init": table(45.0)}}))
+
+
+def test_knn_curve_sits_at_the_end_of_each_epoch(tmp_path):
+    """The teacher's top-1 at k = 10 and 20 for every evaluated epoch, at that epoch's last
+    logged iteration; the random init's level from knn.json; an evaluation of an epoch with no
+    step record (a resumed run's log) is left out rather than placed at a guessed iteration."""
+    import json
+
+    from ibot_fast.viz.curves import _read_jsonl, knn_curve
+
+    _write_run(tmp_path)
+    with open(tmp_path / "knn.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 7, "knn": {"10": {"top1": 1.0, "top5": 1.0}}}) + "\n")
+    recs = _read_jsonl(tmp_path / "steps.jsonl")
+    curve = knn_curve(str(tmp_path), recs)
+    assert curve["it"] == [3, 7, 11]
+    assert curve["top1"] == {"10": [50.0, 55.0, 60.0], "20": [51.0, 56.0, 61.0]}
+    assert curve["random"] == {"10": 45.0, "20": 46.0}
+    (tmp_path / "knn.json").unlink()
+    assert knn_curve(str(tmp_path), recs)["random"] == {}
+    (tmp_path / "knn.jsonl").unlink()
+    assert knn_curve(str(tmp_path), recs) is None
+
+
+def test_loss_curve_png_has_the_knn_panel_next_to_the_loss(tmp_path):
+    """Four panels (loss, teacher k-NN, lr / wd, temperatures) with periodic k-NN records,
+    three without; the k-NN panel is the second one and is not blank."""
+    from ibot_fast.viz.curves import plot_training_curves
+
+    with_knn, without = tmp_path / "knn", tmp_path / "plain"
+    with_knn.mkdir()
+    without.mkdir()
+    _write_run(with_knn)
+    _write_run(without, knn=False, final=False)
+    for run, panels in ((with_knn, 4), (without, 3)):
+        png = plot_training_curves(str(run))
+        with Image.open(png) as im:
+            assert im.size == (int(panels * 4.2 * 120), int(3.4 * 120)), run
+            pic = np.asarray(im.convert("RGB"))
+        width = pic.shape[1] // panels
+        second = pic[:, width:2 * width]
+        assert second.std() > 10  # a drawn panel, not an empty canvas
+    assert plot_training_curves(str(tmp_path)) is None  # no steps.jsonl
