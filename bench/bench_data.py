@@ -10,10 +10,10 @@ per round, batch 16, both back ends side by side:
 * ``torch``: ImageFolderMask + MultiCropAugmentation (PIL) in DataLoader workers (one per core);
 * ``dali-cpu``: the DALI pipeline on the CPU (``device_id=None``), one thread per core;
 * ``dali-gpu`` (marked gpu; skipped without CUDA): "mixed" nvJPEG decoding and every op on the
-  GPU, 16 images/batch x more images; the issue's goal is >= 3,000 images/s on one H100.
+  GPU, 16 images/batch x more images; the goal is >= 3,000 images/s on one H100.
 
 ``extra_info`` reports images/s and ms/image (x cores = core-ms per image, the budget figure of
-DESIGN.md: the reference's PIL path costs 18-20 ms per image per core).
+docs/design.md#bounds: the reference's PIL path costs 18-20 ms per image per core).
 """
 
 import os

@@ -5,7 +5,7 @@
 // nvcc can compile it on a machine without a GPU and both sides run the very same arithmetic.
 //
 // The algorithm is the reference's (bytedance/ibot loader.py, ImageFolderMask; restated in
-// reference-semantics.md 5.4 and in ibot_fast/masking.py:block_mask_reference):
+// docs/reference-semantics.md#block-masks and in ibot_fast/masking.py:block_mask_reference):
 //   high = ratio * H * W (float budget); low = (min(H, W) / 3)^2
 //   while count < high:
 //     budget = high - count; up to 10 attempts:

@@ -3,8 +3,8 @@
     python -m ibot_fast.convert CHECKPOINT OUTPUT --to ibot_fast|backbone|reference|timm \
         [--which teacher|student] [--with_head] [--trust_pickle]
 
-What a reference checkpoint looks like (``main_ibot.py`` ``save_dict``, reference-semantics.md
-§7.3) and what changes on the way in:
+What a reference checkpoint looks like (``main_ibot.py`` ``save_dict``;
+docs/reference-semantics.md#checkpoints-and-logs) and what changes on the way in:
 
 * ``student``: DDP state dict, keys ``module.backbone.*`` / ``module.head.*``; ``teacher``:
   ``backbone.*`` / ``head.*`` (``module.`` too when the teacher had BatchNorm and was DDP-wrapped).

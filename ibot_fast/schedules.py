@@ -1,9 +1,9 @@
 """Per-iteration and per-epoch schedules, with the reference's exact values.
 
 * `cosine_scheduler` -- learning rate, weight decay and teacher momentum, one value per
-  iteration (reference `utils.cosine_scheduler`; reference-semantics.md section 7.1).
+  iteration (reference `utils.cosine_scheduler`; docs/reference-semantics.md#schedules).
 * `teacher_temp_schedule` -- the teacher temperatures of the loss, one value per epoch
-  (reference `iBOTLoss.__init__`; reference-semantics.md section 2.1).
+  (reference `iBOTLoss.__init__`; docs/reference-semantics.md#temperatures).
 
 Both return float64 numpy arrays, like the reference, so indexing them gives the same numbers.
 """

@@ -1,4 +1,4 @@
-"""Schedules against the values in reference-semantics.md (sections 2.1 and 7.1)."""
+"""Schedules against the values in docs/reference-semantics.md (#temperatures, #schedules)."""
 import math
 
 import numpy as np

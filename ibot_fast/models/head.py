@@ -1,4 +1,4 @@
-"""iBOT projection head (reference-semantics.md, section 3).
+"""iBOT projection head (docs/reference-semantics.md#head).
 
     tokens [.., D] --mlp--> [.., bottleneck] --L2 normalise--> z --last_layer(s)--> logits
 
