@@ -15,7 +15,9 @@ Variants (names as in ibot_fast/fast_step.py and tests/test_fast_step.py):
   networks, loss and loop body of the bytedance/ibot checkout in ``IBOT_REFERENCE_REPO`` (its
   own ViT, iBOTHead, iBOTLoss, clipping, EMA; skipped when the variable is unset). Its random
   initial weights differ from the others' (same shapes, same work).
-* ``fast`` -- ``Trainer.train_step`` with ``--fast_step true`` (selected-token head, teacher
+* ``reference_path`` -- ``Trainer.train_step`` with ``--step reference`` (our exact twin of the
+  reference's computation order, the ground truth of the tests).
+* ``fast`` -- ``Trainer.train_step`` with the default ``--step fast`` (selected-token head, teacher
   centre by linearity, packed crops, SDPA, fused loss, fused AdamW, flat EMA).
 * ``fast_fused`` -- ``fast`` with ``--fused_head_loss true`` (the patch head's K2-way layer
   inside the loss, ``soft_ce_linear``: no ``[M, K2]`` logits).
@@ -76,7 +78,7 @@ def _argv(case, fast: bool, precision: str, device: str, compile_=False, fused: 
             "0.2", "--precision", precision, "--device", device, "--num_workers", "0",
             "--data_path", f"synthetic:{case['B']}", "--output_dir", "/tmp/ibot_bench_step",
             "--epochs", "100", "--warmup_teacher_temp_epochs", "30", "--progress", "false",
-            "--fast_step", str(fast).lower(), "--compile", str(compile_).lower(),
+            "--step", "fast" if fast else "reference", "--compile", str(compile_).lower(),
             "--fused_head_loss", str(fused).lower(), "--mask_backend", "python"]
 
 
@@ -197,6 +199,9 @@ def _run_case(benchmark, variant, case, precision, device, rounds, it=50):
     elif variant == "reference":
         tr = build_reference(case, precision, device)
         step = lambda: tr(images, list(masks), 1, it)["loss"]  # noqa: E731
+    elif variant == "reference_path":  # our --step reference (the exact twin of the default)
+        tr = Trainer(parse_args(_argv(case, False, precision, device)))
+        step = lambda: tr.train_step(images, masks, 1, it)["loss"]  # noqa: E731
     else:
         compile_ = {"fast_compile": "blocks", "fast_compile_step": "step"}.get(variant, False)
         tr = Trainer(parse_args(_argv(case, True, precision, device, compile_=compile_,
@@ -205,7 +210,7 @@ def _run_case(benchmark, variant, case, precision, device, rounds, it=50):
     step()  # warm-up (compiles, allocator)
     # the fast step's FLOPs: the work the loss needs (MFU numerator for both variants)
     fast_flops = None
-    if variant not in ("refstyle", "reference"):
+    if variant not in ("refstyle", "reference", "reference_path"):
         fast_flops = count_flops(step)
     flops = fast_flops if fast_flops is not None else count_flops(step)
     _sync(device)
@@ -236,6 +241,19 @@ def test_step_cpu(benchmark, case_name, variant):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     benchmark.group = f"step cpu {case_name} 2x96+4x48 B=8 fp32"
     _run_case(benchmark, variant, CPU_CASES[case_name], "fp32", "cpu",
+              rounds=int(os.environ.get("IBOT_BENCH_ROUNDS", 5)))
+
+
+# The iBOT recipe's crops on the CPU (ViT-S/16, 2 x 224 + 10 x 96, K = 8192 shared head, fp32,
+# batch 4): the default step (``fast``) against the real reference step and our reference path.
+RECIPE_CPU_CASE = dict(arch="vit_small", g=224, l=96, nl=10, B=4)
+
+
+@pytest.mark.parametrize("variant", ["reference", "reference_path", "fast"])
+def test_step_cpu_recipe(benchmark, variant):
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    benchmark.group = "step cpu vit_small/16 recipe 2x224+10x96 B=4 fp32"
+    _run_case(benchmark, variant, RECIPE_CPU_CASE, "fp32", "cpu",
               rounds=int(os.environ.get("IBOT_BENCH_ROUNDS", 5)))
 
 

@@ -130,6 +130,34 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+_reaper_installed = False
+
+
+def kill_loader_workers_at_exit() -> None:
+    """In the main process, once per process: at interpreter exit, SIGKILL the daemonic
+    children still alive (persistent loader workers of a trainer that was never torn down).
+
+    multiprocessing's own exit hook stops daemonic children with SIGTERM and then joins them;
+    loader workers ignore SIGTERM (:func:`ignore_stop_signals`), so without this the process
+    would wait for them forever. atexit runs hooks last-registered-first, so this one runs
+    before multiprocessing's.
+    """
+    global _reaper_installed
+    if _reaper_installed:
+        return
+    import atexit
+    import multiprocessing
+
+    def _kill_daemonic_children():
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+                child.join(timeout=5)
+
+    atexit.register(_kill_daemonic_children)
+    _reaper_installed = True
+
+
 # ------------------------------------------------------------------------------------ lock
 class OutputDirLock:
     """An exclusive ``fcntl.flock`` on ``<output_dir>/.lock`` for the whole run (rank 0).

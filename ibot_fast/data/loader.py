@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from ibot_fast.data.dataset import (_BAD_IMAGE_ERRORS, collate_multicrop, decode_image,
                                     list_image_folder)
 from ibot_fast.data.transforms import to_tensor_normalize
-from ibot_fast.reliability import ResumableDistributedSampler, ignore_stop_signals
+from ibot_fast.reliability import (ResumableDistributedSampler, ignore_stop_signals,
+                                   kill_loader_workers_at_exit)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -74,6 +75,7 @@ def build_pretrain_loader(dataset: Dataset, batch_size_per_gpu: int, num_workers
     extra = {}
     if num_workers > 0:
         extra["persistent_workers"] = persistent_workers
+        kill_loader_workers_at_exit()  # they ignore SIGTERM (seed_worker)
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor
     generator = torch.Generator()
