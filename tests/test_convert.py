@@ -80,8 +80,10 @@ def ref_params_groups(model):  # utils.get_params_groups, transcribed
 
 
 def reference_args(**over) -> argparse.Namespace:
-    """main_ibot.py's get_args_parser defaults (+ what init_distributed_mode adds), tiny run."""
-    d = dict(arch=ARCH, patch_size=PATCH, window_size=7, out_dim=K, patch_out_dim=8192,
+    """main_ibot.py's get_args_parser defaults (+ what init_distributed_mode adds), tiny run.
+    ``patch_out_dim`` describes the fake checkpoint's weights (RefHead's patch layer has K
+    outputs): a resume compares the model flags with the run's."""
+    d = dict(arch=ARCH, patch_size=PATCH, window_size=7, out_dim=K, patch_out_dim=K,
              shared_head=False, shared_head_teacher=True, norm_last_layer=True,
              momentum_teacher=0.996, norm_in_head=None, act_in_head="gelu",
              use_masked_im_modeling=True, pred_ratio=0.3, pred_ratio_var=0, pred_shape="block",
