@@ -33,7 +33,7 @@ class TrainingMonitor:
         self.trainer = trainer
         args = trainer.args
         self.is_main = trainer.info.is_main
-        self.every = int(getattr(args, "knn_every", 0) or 0)
+        self.every = args.knn_every
         self.knn_path = os.path.join(args.output_dir, "knn.jsonl")
         self.steps_path = os.path.join(args.output_dir, "steps.jsonl")
         self._loaders = None
@@ -45,7 +45,7 @@ class TrainingMonitor:
                      "give --knn_val_path (and --knn_train_path unless --data_path is the "
                      "labelled training folder)")
             self.every = 0
-        if getattr(args, "tensorboard", False) and self.is_main:
+        if args.tensorboard and self.is_main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
