@@ -1,9 +1,18 @@
 """Helpers shared by several test files (import them: ``from helpers import ...``)."""
 import inspect
+import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from ibot_fast.config import parse_args
+from ibot_fast.masking import MaskBatch
+from ibot_fast.train import Trainer
 
 # =================================================================================================
 # Loss stack (tests/test_loss_*.py, tests/test_soft_ce.py)
@@ -203,3 +212,206 @@ def check_against_transcription(loss_fn, batch, epoch, ng, nl, tau, tau2, **kw):
     assert rel_err(loss_fn.center2.reshape(-1), ref_c2) < TR_RTOL
     assert loss_fn.center.shape == (1, TR_K) and loss_fn.center2.shape == (1, 1, TR_K2)
     return out
+
+
+# =================================================================================================
+# Moved from tests/test_train.py
+# =================================================================================================
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# A tiny but complete configuration: 16-px global / 8-px local crops, patch 8 (2x2 / 1x1 grids).
+TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "16",
+        "--local_crops_size", "8", "--local_crops_number", "2", "--out_dim", "64",
+        "--head_hidden_dim", "32", "--head_bottleneck_dim", "16", "--batch_size_per_gpu", "4",
+        "--precision", "fp32", "--warmup_teacher_temp_epochs", "1", "--warmup_epochs", "1",
+        "--num_workers", "0", "--progress", "false", "--log_freq", "1",
+        "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2", "--lr", "0.05"]
+
+
+def tiny_args(tmp_path, *extra):
+    return parse_args(TINY + ["--data_path", "synthetic:16", "--output_dir", str(tmp_path),
+                              *extra])
+
+
+# ------------------------------------------------------------------------ resume
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+# --------------------------------------------------------------------------- DDP
+def torchrun_tiny(nproc, out, batch, tmp_path, *extra, config=TINY):
+    """``torchrun -m ibot_fast.train`` on ``config`` for two fp64 epochs without drop path."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(nproc), "-m", "ibot_fast.train", *config,
+           "--data_path", "synthetic:16", "--output_dir", str(out), "--epochs", "2",
+           "--batch_size_per_gpu", str(batch), "--drop_path", "0", "--precision", "fp64",
+           *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def assert_same_weights(path_a, path_b):
+    """Student, teacher and centres of two checkpoints agree to 1e-8 (fp64 runs)."""
+    sa = torch.load(path_a, weights_only=True)
+    sb = torch.load(path_b, weights_only=True)
+    for key in ("student", "teacher", "ibot_loss"):
+        for k in sa[key]:
+            torch.testing.assert_close(sa[key][k], sb[key][k], rtol=1e-8, atol=1e-10,
+                                       msg=f"{key}.{k}")
+
+
+# =================================================================================================
+# Moved from tests/test_knn.py
+# =================================================================================================
+
+
+def write_image_folder(root, n_per_class=6, size=20):
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(n_per_class):
+            img = np.zeros((size, size, 3), np.uint8)
+            img[..., c] = 200 + rng.integers(0, 50)
+            Image.fromarray(img).save(root / f"c{c}" / f"{i}.png")
+
+
+# =================================================================================================
+# Moved from tests/test_fast_step.py
+# =================================================================================================
+
+
+# The fast-step tests' model: vit_nano (4 blocks, width 128), 16-px globals / 8-px locals with 8-px patches (2x2 / 1x1
+# grids), 2 local crops, drop path 0.1 (the coins matter), clipping that bites.
+FAST_TINY = ["--arch", "vit_nano", "--patch_size", "8", "--global_crops_size", "16",
+        "--local_crops_size", "8", "--local_crops_number", "2", "--out_dim", "64",
+        "--head_hidden_dim", "32", "--head_bottleneck_dim", "16", "--batch_size_per_gpu", "4",
+        "--warmup_teacher_temp_epochs", "1", "--warmup_epochs", "1", "--num_workers", "0",
+        "--progress", "false", "--log_freq", "1", "--pred_ratio", "0", "0.3",
+        "--pred_ratio_var", "0", "0.2", "--lr", "0.05", "--epochs", "3",
+        "--freeze_last_layer", "1", "--clip_grad", "0.05", "--drop_path", "0.1"]
+
+
+def fast_args(tmp_path, *extra):
+    """Args of the fast-step tests (FAST_TINY on synthetic data)."""
+    return parse_args(FAST_TINY + ["--data_path", "synthetic:16", "--output_dir", str(tmp_path),
+                              *extra])
+
+
+def run_steps(trainer, batches, dtype, steps):
+    """Steps (epoch, it): one in the frozen first epoch, then epoch 1 (lr > 0). Returns the
+    losses, the gradients after each step, and the trainer."""
+    n = trainer.iters_per_epoch
+    out = []
+    for k, (epoch, it) in enumerate([(0, 1), (1, n), (1, n + 1)][:steps]):
+        images, _, masks = batches[k % len(batches)]
+        images = [im.to(dtype) for im in images]
+        torch.manual_seed(100 + k)  # the same drop-path coins on both sides
+        res = trainer.train_step(images, masks, epoch, it)
+        grads = {name: None if p.grad is None else p.grad.clone()
+                 for name, p in trainer.student_without_ddp.named_parameters()}
+        out.append((res, grads))
+    return out
+
+
+_REFERENCE_RUNS: dict = {}  # the reference trajectory of a configuration, computed once
+
+
+def reference_run(tmp_path, precision, ref_extra, steps, dtype):
+    key = (precision, tuple(ref_extra), steps)
+    if key not in _REFERENCE_RUNS:
+        ref = Trainer(fast_args(tmp_path / "ref", "--precision", precision, "--step", "reference",
+                            *ref_extra))
+        assert ref.path.name == "reference"
+        loader = iter(ref.loader)
+        batches = [next(loader) for _ in range(2)]
+        assert all(isinstance(b[2], MaskBatch) for b in batches)
+        _REFERENCE_RUNS[key] = (ref, batches, run_steps(ref, batches, dtype, steps))
+    return _REFERENCE_RUNS[key]
+
+
+def assert_same_runs(ta, ra, tb, rb, precision):
+    """Trainer ``tb``'s step results (``rb`` from :func:`run_steps`) equal ``ta``'s: loss terms, every
+    gradient, student and teacher weights, both centres."""
+    if precision == "fp64":
+        tight = params = dict(rtol=1e-9, atol=1e-12)
+    else:  # see test_train: Adam turns last-bit gradient noise into fractions of an lr step
+        tight = dict(rtol=1e-5, atol=1e-6)
+        params = dict(rtol=0, atol=0.02 * float(ta.lr_schedule[ta.iters_per_epoch]))
+    for (xa, ga), (xb, gb) in zip(ra, rb):
+        for key in ("loss", "cls", "patch", "acc"):
+            torch.testing.assert_close(xb[key], xa[key], **tight, msg=key)
+        for name in ga:
+            assert (ga[name] is None) == (gb[name] is None), name
+            if ga[name] is not None:
+                torch.testing.assert_close(gb[name], ga[name], **tight, msg=f"grad {name}")
+    for net in ("student_without_ddp", "teacher"):
+        for (n, p), (_, q) in zip(getattr(ta, net).named_parameters(),
+                                  getattr(tb, net).named_parameters()):
+            torch.testing.assert_close(q, p, **params, msg=f"{net} {n}")
+    for key in ("center", "center2"):
+        torch.testing.assert_close(getattr(tb.ibot_loss, key), getattr(ta.ibot_loss, key),
+                                   **tight, msg=key)
+
+
+def compare_with_reference(tmp_path, extra, ref_extra=(), precision="fp64", steps=3):
+    dtype = torch.float64 if precision == "fp64" else torch.float32
+    ref, batches, r = reference_run(tmp_path, precision, ref_extra, steps, dtype)
+    fast = Trainer(fast_args(tmp_path / "fast", "--precision", precision, *ref_extra, *extra))
+    assert fast.path.name == "fast"  # the default
+    f = run_steps(fast, batches, dtype, steps)
+    assert_same_runs(ref, r, fast, f, precision)
+    # the frozen epoch left the last layer untouched and without optimiser state
+    v = fast.student_without_ddp.head.last_layer.weight_v
+    assert fast.optimizer.state[v]["step"] == steps - 1
+    return ref, fast
+
+
+# =================================================================================================
+# Moved from tests/test_masking.py
+# =================================================================================================
+
+
+def assert_union_of_rectangles(mask, rects, height, width):
+    """``mask`` [H, W] is exactly the union of the accepted ``rects`` (top, left, h, w), each
+    strictly smaller than the grid, inside it, and adding at least one cell."""
+    union = np.zeros((height, width), dtype=bool)
+    for top, left, h, w in rects:
+        assert 1 <= h < height and 1 <= w < width  # strict: never a full side
+        assert 0 <= top <= height - h and 0 <= left <= width - w
+        before = union.sum()
+        union[top:top + h, left:left + w] = True
+        assert union.sum() > before  # every accepted block adds cells
+    np.testing.assert_array_equal(union, mask)
+
+
+# =================================================================================================
+# Moved from tests/test_checkpoint.py
+# =================================================================================================
+
+
+def load_checkpoint(path):
+    return torch.load(path, weights_only=True)
+
+
+def flip_bit(path, part: str, key: str):
+    """Flip one bit in the middle of the stored bytes of ``state[part][key]`` (found by its
+    content, so wherever its storage lies) and check that ``torch.load`` returns the change."""
+    before = load_checkpoint(path)
+    t = before[part][key].contiguous()
+    clean = open(path, "rb").read()
+    raw, at = t.numpy().tobytes(), -1
+    while True:  # a fresh teacher equals the student: find the occurrence that is the teacher's
+        at = clean.find(raw, at + 1)
+        assert at >= 0, f"the bytes of {part}.{key} are not in {path}"
+        data = bytearray(clean)
+        data[at + len(raw) // 2] ^= 0x10
+        open(path, "wb").write(bytes(data))
+        after = torch.load(path, weights_only=True)  # torch itself does not notice
+        if not torch.equal(after[part][key], before[part][key]):
+            return

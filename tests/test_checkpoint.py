@@ -14,34 +14,13 @@ import torch
 from ibot_fast import checkpoint as ckpt
 from ibot_fast.config import parse_args
 from ibot_fast.train import Trainer
-from test_train import TINY
-
-
-def load(path):
-    return torch.load(path, weights_only=True)
+from helpers import TINY
+from helpers import load_checkpoint, flip_bit
 
 
 def _trainer(tmp_path, *extra):
     return Trainer(parse_args(TINY + ["--data_path", "synthetic:16", "--output_dir",
                                       str(tmp_path), *extra]))
-
-
-def flip_bit(path, part: str, key: str):
-    """Flip one bit in the middle of the stored bytes of ``state[part][key]`` (found by its
-    content, so wherever its storage lies) and check that ``torch.load`` returns the change."""
-    before = load(path)
-    t = before[part][key].contiguous()
-    clean = open(path, "rb").read()
-    raw, at = t.numpy().tobytes(), -1
-    while True:  # a fresh teacher equals the student: find the occurrence that is the teacher's
-        at = clean.find(raw, at + 1)
-        assert at >= 0, f"the bytes of {part}.{key} are not in {path}"
-        data = bytearray(clean)
-        data[at + len(raw) // 2] ^= 0x10
-        open(path, "wb").write(bytes(data))
-        after = torch.load(path, weights_only=True)  # torch itself does not notice
-        if not torch.equal(after[part][key], before[part][key]):
-            return
 
 
 # ------------------------------------------------------------------------ rotation, fallback
@@ -51,12 +30,12 @@ def test_keep_last_k_and_fall_back_past_corrupt_files(tmp_path, capsys):
         tr.save(epoch)
     names = sorted(p.name for p in tmp_path.glob("checkpoint*.pth"))
     assert names == ["checkpoint.1.pth", "checkpoint.2.pth", "checkpoint.pth"]
-    assert [load(tmp_path / n)["epoch"] for n in
+    assert [load_checkpoint(tmp_path / n)["epoch"] for n in
             ("checkpoint.pth", "checkpoint.1.pth", "checkpoint.2.pth")] == [4, 3, 2]
     # newest truncated, the previous one with a NaN: both reported, the third one used
     data = (tmp_path / "checkpoint.pth").read_bytes()
     (tmp_path / "checkpoint.pth").write_bytes(data[: len(data) // 3])
-    s = load(tmp_path / "checkpoint.1.pth")
+    s = load_checkpoint(tmp_path / "checkpoint.1.pth")
     s["teacher"]["backbone.cls_token"][0, 0, 0] = float("nan")
     torch.save(s, tmp_path / "checkpoint.1.pth")
     tr2 = _trainer(tmp_path, "--keep_checkpoints", "3")
@@ -80,7 +59,7 @@ def test_bit_flip_and_nonfinite_optimizer_state_are_corrupt(tmp_path, capsys):
     for epoch in (1, 2, 3):
         tr.save(epoch)
     flip_bit(tmp_path / "checkpoint.pth", "teacher", "backbone.blocks.0.attn.qkv.weight")
-    s = load(tmp_path / "checkpoint.1.pth")
+    s = load_checkpoint(tmp_path / "checkpoint.1.pth")
     cls = s["student"]["backbone.cls_token"]  # AdamW's state of a parameter, one value NaN
     s["optimizer"]["state"][0] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(cls),
                                   "exp_avg_sq": torch.full_like(cls, float("nan"))}
@@ -136,7 +115,7 @@ def test_mismatched_arch_names_both_configurations(tmp_path):
     msg = str(exc.value)
     assert "does not fit this model" in msg
     assert "--arch vit_tiny" in msg and "--arch vit_small" in msg
-    assert load(tmp_path / "checkpoint.pth")["epoch"] == 1  # not overwritten
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 1  # not overwritten
 
 
 def test_load_from_corrupt_file_is_a_clear_error(tmp_path):

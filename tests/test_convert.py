@@ -233,13 +233,13 @@ def test_bad_checkpoints_say_what_is_wrong(tmp_path):
 
 # ------------------------------------------------------------------------------- evaluate
 def test_knn_and_cluster_metrics_on_a_reference_checkpoint(ref_ckpt, tmp_path):
-    from test_knn import _write_folder
+    from helpers import write_image_folder
 
     from ibot_fast.eval.knn import main as knn_main
 
     path = ref_ckpt[0]
-    _write_folder(tmp_path / "train")
-    _write_folder(tmp_path / "val", n_per_class=2)
+    write_image_folder(tmp_path / "train")
+    write_image_folder(tmp_path / "val", n_per_class=2)
     res = knn_main(["--checkpoint", str(path), "--train_path", str(tmp_path / "train"),
                     "--val_path", str(tmp_path / "val"), "--k", "1", "3",
                     "--cluster_metrics"])
@@ -250,7 +250,7 @@ def test_knn_and_cluster_metrics_on_a_reference_checkpoint(ref_ckpt, tmp_path):
 
 # ------------------------------------------------------------------------------- resume
 def _tiny_argv(out_dir, *extra):
-    from test_train import TINY
+    from helpers import TINY
     return TINY + ["--data_path", "synthetic:16", "--output_dir", str(out_dir), *extra]
 
 

@@ -229,13 +229,13 @@ def _read(path):
 
 
 def test_periodic_knn_curves_and_tensorboard_during_training(tmp_path, capsys):
-    from test_knn import _write_folder
-    from test_train import TINY
+    from helpers import write_image_folder
+    from helpers import TINY
 
     from ibot_fast.train import main
 
-    _write_folder(tmp_path / "train")
-    _write_folder(tmp_path / "val", n_per_class=2)
+    write_image_folder(tmp_path / "train")
+    write_image_folder(tmp_path / "val", n_per_class=2)
     out = tmp_path / "run"
     main(TINY + ["--data_path", str(tmp_path / "train"), "--output_dir", str(out),
                  "--batch_size_per_gpu", "9", "--knn_every", "1", "--epochs", "2",
@@ -323,7 +323,7 @@ def test_tensorboard_scalars_with_a_recording_writer(tmp_path):
 
 
 def test_periodic_knn_without_labelled_data_says_so(tmp_path, capsys):
-    from test_train import tiny_args
+    from helpers import tiny_args
 
     from ibot_fast.eval.monitor import TrainingMonitor
     from ibot_fast.train import Trainer

@@ -10,96 +10,12 @@ import os
 import pytest
 import torch
 
-from ibot_fast.config import parse_args
 from ibot_fast.fast_step import patch_token_rows
-from ibot_fast.masking import MaskBatch
 from ibot_fast.train import Trainer
-from test_train import _torchrun as _torchrun_tiny
-from test_train import assert_same_weights
+from helpers import torchrun_tiny as _torchrun_tiny
+from helpers import assert_same_weights
+from helpers import FAST_TINY, compare_with_reference, fast_args
 
-# vit_nano (4 blocks, width 128), 16-px globals / 8-px locals with 8-px patches (2x2 / 1x1
-# grids), 2 local crops, drop path 0.1 (the coins matter), clipping that bites.
-TINY = ["--arch", "vit_nano", "--patch_size", "8", "--global_crops_size", "16",
-        "--local_crops_size", "8", "--local_crops_number", "2", "--out_dim", "64",
-        "--head_hidden_dim", "32", "--head_bottleneck_dim", "16", "--batch_size_per_gpu", "4",
-        "--warmup_teacher_temp_epochs", "1", "--warmup_epochs", "1", "--num_workers", "0",
-        "--progress", "false", "--log_freq", "1", "--pred_ratio", "0", "0.3",
-        "--pred_ratio_var", "0", "0.2", "--lr", "0.05", "--epochs", "3",
-        "--freeze_last_layer", "1", "--clip_grad", "0.05", "--drop_path", "0.1"]
-
-
-def _args(tmp_path, *extra):
-    return parse_args(TINY + ["--data_path", "synthetic:16", "--output_dir", str(tmp_path),
-                              *extra])
-
-
-def _run(trainer, batches, dtype, steps):
-    """Steps (epoch, it): one in the frozen first epoch, then epoch 1 (lr > 0). Returns the
-    losses, the gradients after each step, and the trainer."""
-    n = trainer.iters_per_epoch
-    out = []
-    for k, (epoch, it) in enumerate([(0, 1), (1, n), (1, n + 1)][:steps]):
-        images, _, masks = batches[k % len(batches)]
-        images = [im.to(dtype) for im in images]
-        torch.manual_seed(100 + k)  # the same drop-path coins on both sides
-        res = trainer.train_step(images, masks, epoch, it)
-        grads = {name: None if p.grad is None else p.grad.clone()
-                 for name, p in trainer.student_without_ddp.named_parameters()}
-        out.append((res, grads))
-    return out
-
-
-_REFERENCE_RUNS: dict = {}  # the reference trajectory of a configuration, computed once
-
-
-def _reference_run(tmp_path, precision, ref_extra, steps, dtype):
-    key = (precision, tuple(ref_extra), steps)
-    if key not in _REFERENCE_RUNS:
-        ref = Trainer(_args(tmp_path / "ref", "--precision", precision, "--step", "reference",
-                            *ref_extra))
-        assert ref.path.name == "reference"
-        loader = iter(ref.loader)
-        batches = [next(loader) for _ in range(2)]
-        assert all(isinstance(b[2], MaskBatch) for b in batches)
-        _REFERENCE_RUNS[key] = (ref, batches, _run(ref, batches, dtype, steps))
-    return _REFERENCE_RUNS[key]
-
-
-def _assert_same_runs(ta, ra, tb, rb, precision):
-    """Trainer ``tb``'s step results (``rb`` from :func:`_run`) equal ``ta``'s: loss terms, every
-    gradient, student and teacher weights, both centres."""
-    if precision == "fp64":
-        tight = params = dict(rtol=1e-9, atol=1e-12)
-    else:  # see test_train: Adam turns last-bit gradient noise into fractions of an lr step
-        tight = dict(rtol=1e-5, atol=1e-6)
-        params = dict(rtol=0, atol=0.02 * float(ta.lr_schedule[ta.iters_per_epoch]))
-    for (xa, ga), (xb, gb) in zip(ra, rb):
-        for key in ("loss", "cls", "patch", "acc"):
-            torch.testing.assert_close(xb[key], xa[key], **tight, msg=key)
-        for name in ga:
-            assert (ga[name] is None) == (gb[name] is None), name
-            if ga[name] is not None:
-                torch.testing.assert_close(gb[name], ga[name], **tight, msg=f"grad {name}")
-    for net in ("student_without_ddp", "teacher"):
-        for (n, p), (_, q) in zip(getattr(ta, net).named_parameters(),
-                                  getattr(tb, net).named_parameters()):
-            torch.testing.assert_close(q, p, **params, msg=f"{net} {n}")
-    for key in ("center", "center2"):
-        torch.testing.assert_close(getattr(tb.ibot_loss, key), getattr(ta.ibot_loss, key),
-                                   **tight, msg=key)
-
-
-def _compare(tmp_path, extra, ref_extra=(), precision="fp64", steps=3):
-    dtype = torch.float64 if precision == "fp64" else torch.float32
-    ref, batches, r = _reference_run(tmp_path, precision, ref_extra, steps, dtype)
-    fast = Trainer(_args(tmp_path / "fast", "--precision", precision, *ref_extra, *extra))
-    assert fast.path.name == "fast"  # the default
-    f = _run(fast, batches, dtype, steps)
-    _assert_same_runs(ref, r, fast, f, precision)
-    # the frozen epoch left the last layer untouched and without optimiser state
-    v = fast.student_without_ddp.head.last_layer.weight_v
-    assert fast.optimizer.state[v]["step"] == steps - 1
-    return ref, fast
 
 
 # ------------------------------------------------------------------ the step, flag by flag
@@ -111,7 +27,7 @@ def test_fast_step_equals_reference_fp64(tmp_path, packed, head, attn):
     """Every CPU combination of packing, head rows and attention back end, in fp64 (where
     the two paths must agree to rounding): losses, every gradient, weights after AdamW, the
     EMA teacher and both centres, over a frozen-last-layer step and two normal ones."""
-    _compare(tmp_path, ["--packed_crops", packed, "--head_tokens", head,
+    compare_with_reference(tmp_path, ["--packed_crops", packed, "--head_tokens", head,
                         "--attn_backend", attn, "--ema_backend", "torch"])
 
 
@@ -119,13 +35,13 @@ def test_fast_step_triton_ema_equals_reference(tmp_path):
     """The flat EMA through the Triton kernel (interpreter on the CPU)."""
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1")
-    _compare(tmp_path, ["--ema_backend", "triton"], steps=2)
+    compare_with_reference(tmp_path, ["--ema_backend", "triton"], steps=2)
 
 
 def test_fast_step_equals_reference_fp32(tmp_path):
     """The default fast flags in fp32 (losses/centres to 1e-5; weights to 2% of an lr step,
     the Adam noise floor explained in test_train)."""
-    _compare(tmp_path, [], precision="fp32")
+    compare_with_reference(tmp_path, [], precision="fp32")
 
 
 @pytest.mark.parametrize("extra", [
@@ -136,14 +52,14 @@ def test_fast_step_equals_reference_fp32(tmp_path):
     ["--pred_ratio", "0.5", "--pred_ratio_var", "0", "--pred_shape", "rand"],
 ], ids=["separate-patch-head", "frozen-g", "no-locals", "no-masks", "rand-masks"])
 def test_fast_step_head_and_mask_variants(tmp_path, extra):
-    _compare(tmp_path, [], ref_extra=extra, steps=2)
+    compare_with_reference(tmp_path, [], ref_extra=extra, steps=2)
 
 
 def test_fast_step_plain_mask_list(tmp_path):
     """A loader without --mask_backend hands over a list of masks; the fast step builds the
     selection itself."""
-    ref = Trainer(_args(tmp_path / "r", "--precision", "fp64", "--step", "reference"))
-    fast = Trainer(_args(tmp_path / "f", "--precision", "fp64", "--fast_step", "true"))
+    ref = Trainer(fast_args(tmp_path / "r", "--precision", "fp64", "--step", "reference"))
+    fast = Trainer(fast_args(tmp_path / "f", "--precision", "fp64", "--fast_step", "true"))
     images, _, masks = next(iter(ref.loader))
     images = [im.double() for im in images]
     as_list = [m.clone() for m in masks]
@@ -174,14 +90,14 @@ def test_fast_flags_fail_with_message(tmp_path, extra, needle, capsys):
     if torch.cuda.is_available() and "--attn_backend" in extra:
         pytest.skip("the attention back ends may be available on this machine")
     with pytest.raises(SystemExit) as exc:
-        _args(tmp_path, "--precision", "fp32", *extra)
+        fast_args(tmp_path, "--precision", "fp32", *extra)
     assert exc.value.code == 2
     assert needle in capsys.readouterr().err
 
 
 def test_bf16_teacher_copy_follows_the_ema(tmp_path):
     """--ema_teacher_bf16: the EMA pass writes the bf16 copy the teacher forward runs on."""
-    tr = Trainer(_args(tmp_path, "--precision", "bf16", "--fast_step", "true",
+    tr = Trainer(fast_args(tmp_path, "--precision", "bf16", "--fast_step", "true",
                        "--ema_teacher_bf16", "true", "--ema_backend", "torch"))
     images, _, masks = next(iter(tr.loader))
     out = tr.train_step(images, masks, 1, tr.iters_per_epoch)
@@ -195,11 +111,11 @@ def test_bf16_teacher_copy_follows_the_ema(tmp_path):
 # ------------------------------------------------------------------------ stochastic depth
 def test_subset_mode_without_drop_path_is_the_reference(tmp_path):
     """--drop_path_mode subset changes nothing where no block drops (--drop_path 0)."""
-    _compare(tmp_path, ["--drop_path_mode", "subset"], ref_extra=["--drop_path", "0"], steps=2)
+    compare_with_reference(tmp_path, ["--drop_path_mode", "subset"], ref_extra=["--drop_path", "0"], steps=2)
 
 
 def test_subset_mode_trains(tmp_path):
-    tr = Trainer(_args(tmp_path, "--precision", "fp32", "--fast_step", "true",
+    tr = Trainer(fast_args(tmp_path, "--precision", "fp32", "--fast_step", "true",
                        "--drop_path_mode", "subset", "--drop_path", "0.5"))
     images, _, masks = next(iter(tr.loader))
     before = tr.student_without_ddp.backbone.blocks[3].mlp.fc1.weight.detach().clone()
@@ -217,8 +133,8 @@ def test_compiled_blocks_do_not_recompile(tmp_path):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    eager = Trainer(_args(tmp_path / "e", "--precision", "fp32", "--fast_step", "true"))
-    comp = Trainer(_args(tmp_path / "c", "--precision", "fp32", "--fast_step", "true",
+    eager = Trainer(fast_args(tmp_path / "e", "--precision", "fp32", "--fast_step", "true"))
+    comp = Trainer(fast_args(tmp_path / "c", "--precision", "fp32", "--fast_step", "true",
                          "--compile", "true"))
     loader = iter(eager.loader)
     batches = [next(loader) for _ in range(4)] + [next(iter(eager.loader))]
@@ -244,7 +160,7 @@ def test_compiled_blocks_do_not_recompile(tmp_path):
 
 # ------------------------------------------------------------------------------ DDP (gloo)
 def _torchrun(nproc, out, batch, tmp_path, *extra):
-    _torchrun_tiny(nproc, out, batch, tmp_path, *extra, config=TINY)
+    _torchrun_tiny(nproc, out, batch, tmp_path, *extra, config=FAST_TINY)
 
 
 @pytest.mark.slow
@@ -293,7 +209,7 @@ def test_fsdp_two_process_gloo_equals_reference_and_checkpoints_interchange(tmp_
     _assert_same_checkpoint(sa, sb)
 
     # (a) a checkpoint written under FSDP loads in a non-FSDP (here: reference) run
-    tr = Trainer(_args(tmp_path / "load", "--precision", "fp64", "--drop_path", "0",
+    tr = Trainer(fast_args(tmp_path / "load", "--precision", "fp64", "--drop_path", "0",
                        "--epochs", "3", "--step", "reference"))
     tr.load(str(two / "checkpoint.pth"))
     assert tr.start_epoch == 2
@@ -340,7 +256,7 @@ def test_fsdp_needs_a_process_group(tmp_path, monkeypatch, capsys):
         pytest.skip("a process group exists in this test process")
     monkeypatch.delenv("WORLD_SIZE", raising=False)  # not under torchrun
     with pytest.raises(SystemExit) as exc:
-        _args(tmp_path, "--precision", "fp64", "--fast_step", "true", "--fsdp", "true")
+        fast_args(tmp_path, "--precision", "fp64", "--fast_step", "true", "--fsdp", "true")
     assert exc.value.code == 2 and "torchrun" in capsys.readouterr().err
 
 
@@ -349,5 +265,5 @@ def test_fsdp_needs_a_process_group(tmp_path, monkeypatch, capsys):
 ])
 def test_fsdp_flag_needs_fast_step(tmp_path, extra, needle, capsys):
     with pytest.raises(SystemExit) as exc:
-        _args(tmp_path, "--precision", "fp64", *extra)
+        fast_args(tmp_path, "--precision", "fp64", *extra)
     assert exc.value.code == 2 and needle in capsys.readouterr().err

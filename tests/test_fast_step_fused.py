@@ -10,9 +10,9 @@ import torch
 
 from ibot_fast.loss import IBOTLoss
 from ibot_fast.train import Trainer
-from test_fast_step import _args, _assert_same_runs, _compare, _run
+from helpers import fast_args, assert_same_runs, compare_with_reference, run_steps
 
-# TINY (test_fast_step) has a separate student patch head and a shared teacher head
+# FAST_TINY (tests/helpers.py) has a separate student patch head and a shared teacher head
 HEADS = {
     "student-separate": [],
     "shared": ["--shared_head", "true"],
@@ -70,28 +70,28 @@ def test_forward_selected_linear_bad_input():
 
 
 # --------------------------------------------------------- --fused_head_loss in the step
-@pytest.mark.parametrize("head", ["shared", "both-separate-K2"])  # TINY's own: the fp32 test
+@pytest.mark.parametrize("head", ["shared", "both-separate-K2"])  # FAST_TINY's own: the fp32 test
 def test_fused_head_equals_reference_fp64(tmp_path, head):
     """fp64, 1e-9: losses, every gradient (weight_v / weight_g of the patch layer included),
     weights after AdamW, EMA teacher, centres; a frozen-last-layer step and two normal ones."""
-    _compare(tmp_path, ["--fused_head_loss", "true", "--ema_backend", "torch"],
+    compare_with_reference(tmp_path, ["--fused_head_loss", "true", "--ema_backend", "torch"],
              ref_extra=HEADS[head])
 
 
 def test_fused_head_equals_reference_fp32(tmp_path):
-    _compare(tmp_path, ["--fused_head_loss", "true"], precision="fp32")
+    compare_with_reference(tmp_path, ["--fused_head_loss", "true"], precision="fp32")
 
 
 @pytest.mark.parametrize("precision, head", [("fp64", "both-separate-K2"), ("fp32", "shared")])
 def test_fused_head_equals_unfused_fast_step(tmp_path, precision, head):
     dtype = torch.float64 if precision == "fp64" else torch.float32
     common = ["--precision", precision, "--fast_step", "true", *HEADS[head]]
-    unfused = Trainer(_args(tmp_path / "u", *common))
-    fused = Trainer(_args(tmp_path / "f", *common, "--fused_head_loss", "true"))
+    unfused = Trainer(fast_args(tmp_path / "u", *common))
+    fused = Trainer(fast_args(tmp_path / "f", *common, "--fused_head_loss", "true"))
     loader = iter(unfused.loader)
     batches = [next(loader) for _ in range(2)]
-    _assert_same_runs(unfused, _run(unfused, batches, dtype, 3),
-                      fused, _run(fused, batches, dtype, 3), precision)
+    assert_same_runs(unfused, run_steps(unfused, batches, dtype, 3),
+                      fused, run_steps(fused, batches, dtype, 3), precision)
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -104,7 +104,7 @@ def test_fused_head_equals_unfused_fast_step(tmp_path, precision, head):
 def test_fused_and_compile_flags_fail_with_message(tmp_path, extra, needle, capsys):
     """Usage errors (exit 2) from the flag validation, before any work."""
     with pytest.raises(SystemExit) as exc:
-        _args(tmp_path, "--precision", "fp32", *extra)
+        fast_args(tmp_path, "--precision", "fp32", *extra)
     assert exc.value.code == 2
     assert needle in capsys.readouterr().err
 
@@ -119,8 +119,8 @@ def _compiled_step_vs_eager(tmp_path, backend, extra):
 
     # a teacher-temperature warm-up over 3 epochs: epochs 1 and 2 differ
     extra = ["--warmup_teacher_temp_epochs", "3", "--epochs", "4", *extra]
-    eager = Trainer(_args(tmp_path / "e", "--precision", "fp32", "--fast_step", "true", *extra))
-    comp = Trainer(_args(tmp_path / "c", "--precision", "fp32", "--fast_step", "true",
+    eager = Trainer(fast_args(tmp_path / "e", "--precision", "fp32", "--fast_step", "true", *extra))
+    comp = Trainer(fast_args(tmp_path / "c", "--precision", "fp32", "--fast_step", "true",
                          "--compile", "step", "--compile_backend", backend, *extra))
     assert comp.path.compile == "step"
     loader = iter(eager.loader)
@@ -149,7 +149,7 @@ def _compiled_step_vs_eager(tmp_path, backend, extra):
     assert counters["stats"]["unique_graphs"] == graphs == 1
     assert not counters["recompiles"]
     assert not counters["graph_break"], dict(counters["graph_break"])
-    _assert_same_runs(eager, results["eager"], comp, results["comp"], "fp32")
+    assert_same_runs(eager, results["eager"], comp, results["comp"], "fp32")
 
 
 @pytest.mark.parametrize("extra", [[], ["--fused_head_loss", "true"]],

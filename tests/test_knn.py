@@ -4,15 +4,14 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ibot_fast.eval.knn import knn_classify, knn_table
 from ibot_fast.eval.knn import main as knn_main
 from ibot_fast.train import main as train_main
+from helpers import write_image_folder
 
 
 def test_weighted_vote_by_hand():
@@ -42,21 +41,11 @@ def test_separable_clusters_and_k_larger_than_memory():
     assert res[200]["top1"] == 100.0  # k is clipped to the memory size (150)
 
 
-def _write_folder(root, n_per_class=6, size=20):
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / f"c{c}").mkdir(parents=True)
-        for i in range(n_per_class):
-            img = np.zeros((size, size, 3), np.uint8)
-            img[..., c] = 200 + rng.integers(0, 50)
-            Image.fromarray(img).save(root / f"c{c}" / f"{i}.png")
-
-
 def test_cli_on_a_checkpoint(tmp_path, capsys):
-    from test_train import TINY
+    from helpers import TINY
 
-    _write_folder(tmp_path / "train")
-    _write_folder(tmp_path / "val", n_per_class=2)
+    write_image_folder(tmp_path / "train")
+    write_image_folder(tmp_path / "val", n_per_class=2)
     train_main(TINY + ["--data_path", str(tmp_path / "train"), "--output_dir",
                        str(tmp_path / "run"), "--epochs", "1", "--batch_size_per_gpu", "2"])
     out = tmp_path / "knn.json"

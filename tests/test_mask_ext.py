@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_masking import assert_union_of_rectangles
+from helpers import assert_union_of_rectangles
 
 from ibot_fast.masking import (MaskBatch, MaskBatcher, MaskGenerator, MaskRequest, block_mask,
                                extension_available)

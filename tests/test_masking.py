@@ -34,6 +34,7 @@ from ibot_fast.masking import (
     random_mask,
     random_masks,
 )
+from helpers import assert_union_of_rectangles
 
 needs_ext = pytest.mark.skipif(not extension_available(), reason="ibot_fast._mask_ext not built")
 # back ends of the public block_masks / random_masks: python reproduces the reference's
@@ -261,19 +262,6 @@ def test_ratio_zero_masks_nothing():
     gen = MaskGenerator(0.0, 0.0)
     assert not gen(14, 14, rng).any()
     assert rng.getstate() == state
-
-
-def assert_union_of_rectangles(mask, rects, height, width):
-    """``mask`` [H, W] is exactly the union of the accepted ``rects`` (top, left, h, w), each
-    strictly smaller than the grid, inside it, and adding at least one cell."""
-    union = np.zeros((height, width), dtype=bool)
-    for top, left, h, w in rects:
-        assert 1 <= h < height and 1 <= w < width  # strict: never a full side
-        assert 0 <= top <= height - h and 0 <= left <= width - w
-        before = union.sum()
-        union[top:top + h, left:left + w] = True
-        assert union.sum() > before  # every accepted block adds cells
-    np.testing.assert_array_equal(union, mask)
 
 
 def test_block_masks_are_unions_of_recorded_rectangles():

@@ -24,7 +24,7 @@ from ibot_fast.config import parse_args
 from ibot_fast.reliability import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED,
                                    ResumableDistributedSampler, TrainingStopped)
 from ibot_fast.train import Trainer, main
-from test_train import REPO, TINY, _read
+from helpers import REPO, TINY, read_jsonl
 
 # 16 synthetic images, batch 4: 4 steps per epoch, 2 epochs.
 EXACT = TINY + ["--data_path", "synthetic:16", "--epochs", "2", "--precision", "fp64",
@@ -93,10 +93,10 @@ def test_signal_mid_epoch_then_resume_equals_straight_run(tmp_path, straight):
 
     main(argv)
     states_equal(load(tmp_path / "checkpoint.pth"), load(straight / "checkpoint.pth"))
-    a, b = _read(straight / "steps.jsonl"), _read(tmp_path / "steps.jsonl")
+    a, b = read_jsonl(straight / "steps.jsonl"), read_jsonl(tmp_path / "steps.jsonl")
     assert [r["it"] for r in b] == list(range(8))  # no step lost, none repeated
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    ea, eb = _read(straight / "log.txt"), _read(tmp_path / "log.txt")
+    ea, eb = read_jsonl(straight / "log.txt"), read_jsonl(tmp_path / "log.txt")
     assert [e["epoch"] for e in eb] == [0, 1]
     for x, y in zip(ea, eb):  # the epoch means carry over the saved partial sums
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-12)
@@ -114,7 +114,7 @@ def test_kill_term_from_outside_then_resume(tmp_path, straight):
     steps = out / "steps.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if steps.is_file() and len(_read(steps)) >= 2:
+        if steps.is_file() and len(read_jsonl(steps)) >= 2:
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.01)
@@ -124,7 +124,7 @@ def test_kill_term_from_outside_then_resume(tmp_path, straight):
     stopped_at = load(out / "checkpoint.pth")
     main(exact_argv(out))
     states_equal(load(out / "checkpoint.pth"), load(straight / "checkpoint.pth"))
-    assert [r["it"] for r in _read(steps)] == list(range(8))
+    assert [r["it"] for r in read_jsonl(steps)] == list(range(8))
     pos = stopped_at["position"]  # None: the signal came in an epoch's last step
     assert (pos["steps"] if pos else 0) + 4 * stopped_at["epoch"] in range(2, 8)
 
@@ -196,7 +196,7 @@ def test_torchrun_rank_killed_restarts_from_previous_checkpoint(tmp_path):
     assert "checkpoint.pth: unreadable" in text
     assert ("skipped non-finite step: epoch 0, iteration 1: loss non-finite on rank(s) [1], "
             "gradients non-finite on rank(s) [0, 1]") in text
-    epochs = _read(out / "log.txt")
+    epochs = read_jsonl(out / "log.txt")
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
     assert [e["train_skipped"] for e in epochs] == [1, 0, 0]
     two = load(out / "checkpoint.pth")
@@ -282,9 +282,9 @@ def test_on_nan_skip_changes_nothing_and_counts(tmp_path):
 
     tr.train_step = step
     tr.train()
-    epochs = _read(tmp_path / "log.txt")
+    epochs = read_jsonl(tmp_path / "log.txt")
     assert epochs[0]["train_skipped"] == 2 and epochs[0]["train_loss"] == epochs[0]["train_loss"]
-    recs = _read(tmp_path / "steps.jsonl")
+    recs = read_jsonl(tmp_path / "steps.jsonl")
     assert [r["skipped"] for r in recs] == [0, 1, 2, 2]
     final = load(tmp_path / "checkpoint.pth")
     assert all(torch.isfinite(v).all() for v in final["student"].values())
@@ -365,7 +365,7 @@ def test_out_of_range_flags(argv, needle, capsys):
 def _wait_for_steps(proc, steps, n, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if steps.is_file() and len(_read(steps)) >= n:
+        if steps.is_file() and len(read_jsonl(steps)) >= n:
             return True
         time.sleep(0.01)
     return False
@@ -395,7 +395,7 @@ def test_sigterm_to_the_process_group_with_workers_then_resume(tmp_path, straigh
         for k in b[key]:
             torch.testing.assert_close(a[key][k], b[key][k], rtol=1e-6, atol=1e-8,
                                        msg=f"{key}.{k}")
-    assert [r["it"] for r in _read(out / "steps.jsonl")] == list(range(8))
+    assert [r["it"] for r in read_jsonl(out / "steps.jsonl")] == list(range(8))
     pos = stopped_at["position"]  # None: the signal came in an epoch's last step
     assert (pos["steps"] if pos else 0) + 4 * stopped_at["epoch"] in range(2, 8)
 
@@ -448,7 +448,7 @@ def test_ctrl_c_is_a_preemption_with_exit_130_then_resume(tmp_path, straight, ca
     del tr
     main(argv)
     states_equal(load(tmp_path / "checkpoint.pth"), load(straight / "checkpoint.pth"))
-    assert [r["it"] for r in _read(tmp_path / "steps.jsonl")] == list(range(8))
+    assert [r["it"] for r in read_jsonl(tmp_path / "steps.jsonl")] == list(range(8))
 
 
 def test_second_ctrl_c_stops_at_once(tmp_path, monkeypatch, capsys):
@@ -489,7 +489,7 @@ def test_signal_before_the_first_step_and_after_the_last_epoch(tmp_path, monkeyp
     assert exc.value.code == EXIT_PREEMPTED
     text = capsys.readouterr().out
     assert "preempted (SIGTERM): stopped before the first step; no checkpoint exists yet" in text
-    assert not (tmp_path / "steps.jsonl").is_file() or not _read(tmp_path / "steps.jsonl")
+    assert not (tmp_path / "steps.jsonl").is_file() or not read_jsonl(tmp_path / "steps.jsonl")
     monkeypatch.setattr(train_mod.Trainer, "__init__", real_init)
 
     def plot(out):
@@ -609,7 +609,7 @@ def test_bit_flip_in_teacher_data_falls_back_and_matches_straight_run(tmp_path, 
     """A flipped bit inside a teacher tensor of checkpoint.pth: the CRC check calls it corrupt,
     the run falls back to checkpoint.1.pth (epoch 1), redoes epoch 1 and ends bit-identical
     to the uninterrupted run."""
-    from test_checkpoint import flip_bit
+    from helpers import flip_bit
     main(exact_argv(tmp_path))
     flip_bit(tmp_path / "checkpoint.pth", "teacher", "backbone.blocks.0.attn.qkv.weight")
     capsys.readouterr()
@@ -680,12 +680,12 @@ def test_changed_epochs_and_finished_run(tmp_path, capsys):
     capsys.readouterr()
     main(argv + ["--epochs", "1"])
     assert "already trained to epoch 1 (--epochs 1); nothing to do" in capsys.readouterr().out
-    assert len(_read(tmp_path / "log.txt")) == 1
+    assert len(read_jsonl(tmp_path / "log.txt")) == 1
     main(argv + ["--epochs", "2"])
     text = capsys.readouterr().out
     assert ("WARNING: resuming with a changed flag: --epochs 1 -> 2: the lr/wd/momentum and "
             "teacher-temperature schedules are rebuilt for 2 epochs from epoch 1") in text
-    assert [e["epoch"] for e in _read(tmp_path / "log.txt")] == [0, 1]
+    assert [e["epoch"] for e in read_jsonl(tmp_path / "log.txt")] == [0, 1]
 
 
 def test_changed_seed_mid_epoch_is_named(tmp_path, mid_epoch, capsys):
@@ -705,7 +705,7 @@ def test_changed_batch_mid_epoch_is_named_and_keeps_step_records(tmp_path, mid_e
     assert ("--batch_size_per_gpu 4 -> 8: the global batch is 8 instead of 4: the steps per "
             "epoch, the lr (scaled by global batch / 256) and the schedules are rebuilt from "
             "epoch 0; epoch 0 goes on from sample 8 (step 1 of the new batch)") in text
-    recs = _read(out / "steps.jsonl")
+    recs = read_jsonl(out / "steps.jsonl")
     assert [r["it"] for r in recs[:2]] == [0, 1] and len(recs) == 2 + 1 + 2
     assert load(out / "checkpoint.pth")["epoch"] == 2
 

@@ -7,29 +7,13 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from ibot_fast.config import parse_args
 from ibot_fast.train import Trainer, main
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A tiny but complete configuration: 16-px global / 8-px local crops, patch 8 (2x2 / 1x1 grids).
-TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "16",
-        "--local_crops_size", "8", "--local_crops_number", "2", "--out_dim", "64",
-        "--head_hidden_dim", "32", "--head_bottleneck_dim", "16", "--batch_size_per_gpu", "4",
-        "--precision", "fp32", "--warmup_teacher_temp_epochs", "1", "--warmup_epochs", "1",
-        "--num_workers", "0", "--progress", "false", "--log_freq", "1",
-        "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2", "--lr", "0.05"]
-
-
-def tiny_args(tmp_path, *extra):
-    return parse_args(TINY + ["--data_path", "synthetic:16", "--output_dir", str(tmp_path),
-                              *extra])
+from helpers import TINY, tiny_args, read_jsonl, torchrun_tiny, assert_same_weights
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -208,12 +192,6 @@ def test_groups_and_frozen_g(tmp_path):
     assert all(id(g) != id(p) for grp in tr.optimizer.param_groups for p in grp["params"])
 
 
-# ------------------------------------------------------------------------ resume
-def _read(path):
-    with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_equals_straight_run(tmp_path, workers):
     common = ["--epochs", "2", "--deterministic", "true", "--num_workers", str(workers)]
@@ -229,7 +207,7 @@ def test_resume_equals_straight_run(tmp_path, workers):
     del first
     main(TINY + ["--data_path", "synthetic:16", "--output_dir", str(split)] + common)
 
-    a, b = _read(straight / "steps.jsonl"), _read(split / "steps.jsonl")
+    a, b = read_jsonl(straight / "steps.jsonl"), read_jsonl(split / "steps.jsonl")
     assert [r["it"] for r in a] == [r["it"] for r in b] == list(range(8))
     for ra, rb in zip(a, b):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-7), ra["it"]
@@ -242,20 +220,6 @@ def test_resume_equals_straight_run(tmp_path, workers):
                                        msg=f"{key}.{k}")
 
 
-# --------------------------------------------------------------------------- DDP
-def _torchrun(nproc, out, batch, tmp_path, *extra, config=TINY):
-    """``torchrun -m ibot_fast.train`` on ``config`` for two fp64 epochs without drop path."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(nproc), "-m", "ibot_fast.train", *config,
-           "--data_path", "synthetic:16", "--output_dir", str(out), "--epochs", "2",
-           "--batch_size_per_gpu", str(batch), "--drop_path", "0", "--precision", "fp64",
-           *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_two_process_gloo_equals_one_process(tmp_path):
     """The reference step (the fast step under DDP: tests/test_fast_step.py). Same global
@@ -264,23 +228,13 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     images the single process sees; drop path is off (its draws are per process). In fp64:
     in fp32 the different gradient reduction order is last-bit noise that Adam amplifies on
     the attention key bias (its true gradient is exactly zero), see the train-step test."""
-    _torchrun(2, tmp_path / "two", 2, tmp_path, "--step", "reference")
-    _torchrun(1, tmp_path / "one", 4, tmp_path, "--step", "reference")
-    la, lb = _read(tmp_path / "two" / "log.txt"), _read(tmp_path / "one" / "log.txt")
+    torchrun_tiny(2, tmp_path / "two", 2, tmp_path, "--step", "reference")
+    torchrun_tiny(1, tmp_path / "one", 4, tmp_path, "--step", "reference")
+    la, lb = read_jsonl(tmp_path / "two" / "log.txt"), read_jsonl(tmp_path / "one" / "log.txt")
     for ra, rb in zip(la, lb):
         for key in ("train_loss", "train_cls", "train_patch"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-9), key
     assert_same_weights(tmp_path / "two" / "checkpoint.pth", tmp_path / "one" / "checkpoint.pth")
-
-
-def assert_same_weights(path_a, path_b):
-    """Student, teacher and centres of two checkpoints agree to 1e-8 (fp64 runs)."""
-    sa = torch.load(path_a, weights_only=True)
-    sb = torch.load(path_b, weights_only=True)
-    for key in ("student", "teacher", "ibot_loss"):
-        for k in sa[key]:
-            torch.testing.assert_close(sa[key][k], sb[key][k], rtol=1e-8, atol=1e-10,
-                                       msg=f"{key}.{k}")
 
 
 # ------------------------------------------------------------------ artefacts, errors
@@ -303,12 +257,12 @@ def test_run_leaves_checkpoint_logs_and_curve(tmp_path, capsys):
     state = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert set(state) >= {"student", "teacher", "optimizer", "epoch", "args", "ibot_loss"}
     assert set(state["ibot_loss"]) == {"center", "center2"}
-    epochs = _read(tmp_path / "log.txt")
+    epochs = read_jsonl(tmp_path / "log.txt")
     assert [e["epoch"] for e in epochs] == [0, 1]
     assert all(math.isfinite(e["train_loss"]) for e in epochs)
     # nothing to do: a finished run resumes at its last epoch and trains no further
     main(TINY + ["--data_path", "synthetic:16", "--output_dir", str(tmp_path), "--epochs", "2"])
-    assert len(_read(tmp_path / "log.txt")) == 2
+    assert len(read_jsonl(tmp_path / "log.txt")) == 2
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
@@ -353,5 +307,5 @@ def test_img_s_and_eta_from_the_first_step(tmp_path, monkeypatch):
     n, first = seen[0]
     assert n == 1 and float(first["img_s"]) > 0
     assert re.fullmatch(r"\d+:\d\d:\d\d", first["eta"])
-    recs = _read(tmp_path / "steps.jsonl")
+    recs = read_jsonl(tmp_path / "steps.jsonl")
     assert len(recs) == 1 and recs[0]["eta_s"] > 0  # one log line (step 4 of 4), epoch 1 left
