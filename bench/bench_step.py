@@ -76,6 +76,9 @@ def _argv(case, fast: bool, precision: str, device: str, compile_=False, fused: 
             "--batch_size_per_gpu", str(case["B"]), "--out_dim", "8192", "--shared_head", "true",
             "--norm_last_layer", "false", "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0",
             "0.2", "--precision", precision, "--device", device, "--num_workers", "0",
+            # the same 2 intra-op threads as the reference variants (--threads auto would keep
+            # a core for a loader worker that --num_workers 0 does not start)
+            "--threads", "2",
             "--data_path", f"synthetic:{case['B']}", "--output_dir", "/tmp/ibot_bench_step",
             "--epochs", "100", "--warmup_teacher_temp_epochs", "30", "--progress", "false",
             "--step", "fast" if fast else "reference", "--compile", str(compile_).lower(),
