@@ -79,13 +79,14 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     return backend
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp64 if any input is fp64, else fp32: the dtype the op computes in for these inputs."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def teacher_col_sum(teacher_TK: torch.Tensor) -> torch.Tensor:
     """Column sums of the teacher logits, fp32 (fp64 for fp64 input), for the centre update."""
-    return torch.sum(teacher_TK.detach(), dim=0, dtype=_compute_dtype(teacher_TK))
+    return torch.sum(teacher_TK.detach(), dim=0, dtype=compute_dtype(teacher_TK))
 
 
 # ---- checks (metadata only unless check_finite) --------------------------------------------
@@ -193,7 +194,7 @@ def _soft_ce_torch(student_MK, teacher_TK, partner_MP, weight_MP, center_K, tau_
     """``grad_out``: write the gradient there (``inplace_grad``: the student tensor itself).
     Safe because every chunk copies its student rows (``index_select``) before its gradient
     rows are written back, chunks are disjoint, and rows without a pair are zeroed last."""
-    cdt = _compute_dtype(student_MK, teacher_TK, center_K)
+    cdt = compute_dtype(student_MK, teacher_TK, center_K)
     M, K = student_MK.shape
     P = partner_MP.shape[1]
     chunk = chunk_rows or _default_chunk_rows(K * P)
@@ -232,7 +233,7 @@ def _soft_ce_torch(student_MK, teacher_TK, partner_MP, weight_MP, center_K, tau_
 
 def _soft_ce_linear_torch(zs_MD, ws_KD, zt_TD, wt_KD, partner_MP, weight_MP, center_K,
                           tau_s, tau_t, need_grad, chunk_rows=None):
-    cdt = _compute_dtype(zs_MD, ws_KD, zt_TD, wt_KD, center_K)
+    cdt = compute_dtype(zs_MD, ws_KD, zt_TD, wt_KD, center_K)
     M, D = zs_MD.shape
     K = ws_KD.shape[0]
     P = partner_MP.shape[1]
@@ -377,7 +378,7 @@ def soft_ce(student_MK: torch.Tensor, teacher_TK: torch.Tensor, partner_MP: torc
     _check_core(student_MK, teacher_TK, partner_MP, weight_MP, center_K, student_temp,
                 teacher_temp, check_finite)
     if inplace_grad:
-        _check_inplace("student_MK", student_MK, teacher_TK)
+        check_inplace_grad("student_MK", student_MK, teacher_TK)
     be = resolve_backend(backend, student_MK, teacher_TK, center_K)
     with torch.autocast(student_MK.device.type, enabled=False):
         return _SoftCE.apply(student_MK, teacher_TK.detach(), partner_MP, weight_MP,
@@ -387,8 +388,10 @@ def soft_ce(student_MK: torch.Tensor, teacher_TK: torch.Tensor, partner_MP: torc
                                   inplace_grad=bool(inplace_grad) and torch.is_grad_enabled()))
 
 
-def _check_inplace(name: str, student: torch.Tensor, teacher: Optional[torch.Tensor] = None):
-    """The preconditions of ``inplace_grad`` (metadata only, no sync)."""
+def check_inplace_grad(name: str, student: torch.Tensor,
+                       teacher: Optional[torch.Tensor] = None):
+    """The preconditions of ``inplace_grad`` on one student input, named as the caller knows it
+    (metadata only, no sync); the loss modules call it under their own argument names."""
     if student.is_leaf and student.requires_grad:
         raise ValueError(f"{name}: inplace_grad=True overwrites the student logits with their "
                          f"gradient, which is illegal on a leaf that requires grad; pass the "

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ibot_fast.dist import get_world_size
+from ibot_fast.kernels.soft_ce import compute_dtype  # noqa: F401 - re-exported for the loss modules
 from ibot_fast.schedules import teacher_temp_schedule
 
 __all__ = ["IBOTLossBase", "CENTERINGS", "upcast", "compute_dtype", "check_center_mode",
@@ -31,12 +32,6 @@ CENTERINGS = ("ema", "sinkhorn_knopp")
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """fp16/bf16 -> fp32; fp32 and fp64 unchanged (the precision every softmax runs in)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp64 if any input is fp64, else fp32: the dtype of row weights and centre statistics,
-    the one the soft-target CE op computes in for these inputs."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def check_center_mode(center: str, where: str) -> None:

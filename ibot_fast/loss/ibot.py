@@ -23,7 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ibot_fast.kernels.soft_ce import BACKENDS, soft_ce, soft_ce_linear, teacher_col_sum
+from ibot_fast.kernels.soft_ce import (BACKENDS, check_inplace_grad, soft_ce, soft_ce_linear,
+                                       teacher_col_sum)
 from ibot_fast.loss.common import IBOTLossBase, compute_dtype
 from ibot_fast.loss.pairs import cls_pairs
 from ibot_fast.loss.reference import ibot_loss_dense
@@ -33,25 +34,6 @@ __all__ = ["IBOTLoss", "LOSS_BACKENDS"]
 
 # the op's back ends, plus the dense reference path
 LOSS_BACKENDS = (*BACKENDS, "eager")
-
-
-def _check_inplace_grad(name: str, student: torch.Tensor, teacher: torch.Tensor):
-    """The preconditions of ``inplace_grad`` on one student input, named as the caller knows
-    it (the op checks them again under its own argument names); metadata only, no sync."""
-    if student.is_leaf and student.requires_grad:
-        raise ValueError(f"{name}: inplace_grad=True overwrites the student logits with their "
-                         f"gradient, which is illegal on a leaf that requires grad; pass the "
-                         f"output of the op producing the logits (e.g. the head's last Linear) "
-                         f"or use inplace_grad=False")
-    if not student.is_contiguous():
-        raise ValueError(f"{name}: inplace_grad=True needs a contiguous tensor (the gradient is "
-                         f"written into its storage row by row), got strides "
-                         f"{tuple(student.stride())}; call .contiguous() or use "
-                         f"inplace_grad=False")
-    if student.numel() and teacher.numel() and \
-            student.untyped_storage().data_ptr() == teacher.untyped_storage().data_ptr():
-        raise ValueError(f"{name}: inplace_grad=True but the teacher logits share the student's "
-                         f"storage (they would be overwritten while read)")
 
 
 class IBOTLoss(IBOTLossBase):
@@ -148,10 +130,10 @@ class IBOTLoss(IBOTLossBase):
                                       "teacher_output[1]": teacher_patch})
         inplace = self.inplace_grad
         if inplace:  # named like the caller's arguments (soft_ce would say student_MK)
-            _check_inplace_grad("IBOTLoss: student_output[1] (patch logits)", student_patch,
+            check_inplace_grad("IBOTLoss: student_output[1] (patch logits)", student_patch,
                            teacher_patch)
             if self.nlcrops == 0:
-                _check_inplace_grad("IBOTLoss: student_output[0] ([CLS] logits)", student_cls,
+                check_inplace_grad("IBOTLoss: student_output[0] ([CLS] logits)", student_cls,
                                teacher_cls)
         tau, tau2 = self.temperatures(epoch)
         ng, K2 = self.ngcrops, self.patch_out_dim
