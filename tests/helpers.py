@@ -415,3 +415,21 @@ def flip_bit(path, part: str, key: str):
         after = torch.load(path, weights_only=True)  # torch itself does not notice
         if not torch.equal(after[part][key], before[part][key]):
             return
+
+
+def spawn_ranks(target, world: int, store: str, out_dir: str, timeout: float = 90):
+    """Start ``target(rank, store, out_dir)`` in ``world`` spawned processes and wait up to
+    ``timeout`` s; processes still alive then are terminated. Returns (processes, hung)."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, store, out_dir), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.terminate()
+        p.join(5)
+    return procs, hung

@@ -7,9 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from helpers import TR_K, TR_K2, TR_N, rel_err, run_module, transcription_batch
+from helpers import TR_K, TR_K2, TR_N, rel_err, run_module, spawn_ranks, transcription_batch
 from ibot_fast.loss import IBOTLoss, IBOTLossBase, IBOTLossReference
 
 K, K2, N = TR_K, TR_K2, TR_N
@@ -164,18 +163,8 @@ def _dist_worker(rank, store_path, out_dir):
 
 @pytest.mark.slow  # 5-15 s: two spawned interpreters
 def test_world_size_two_matches_single_process(tmp_path):
-    ctx = mp.get_context("spawn")
     store = str(tmp_path / "filestore")  # rendezvous file; must not exist yet
-    procs = [ctx.Process(target=_dist_worker, args=(r, store, str(tmp_path)), daemon=True)
-             for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=90)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.terminate()
-        p.join(5)
+    procs, hung = spawn_ranks(_dist_worker, WORLD, store, str(tmp_path))
     assert not hung, "distributed workers did not finish within 90 s"
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]

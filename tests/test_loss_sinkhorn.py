@@ -5,10 +5,9 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from helpers import small_blocks  # noqa: F401 - fixture
-from helpers import dinov2_sinkhorn, rel_err
+from helpers import dinov2_sinkhorn, rel_err, spawn_ranks
 from ibot_fast.loss import (DINOv2PatchLoss, IBOTPatchLoss, sinkhorn_knopp_center,
                             sinkhorn_knopp_targets)
 
@@ -117,17 +116,7 @@ def _dist_worker(rank, store_path, out_dir):
 
 @pytest.mark.slow  # 5-15 s: two spawned interpreters
 def test_world_size_two_sinkhorn_and_centres(tmp_path):
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_dist_worker, args=(r, str(tmp_path / "store"), str(tmp_path)),
-                         daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=90)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.terminate()
-        p.join(5)
+    procs, hung = spawn_ranks(_dist_worker, 2, str(tmp_path / "store"), str(tmp_path))
     assert not hung and all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     g = torch.Generator().manual_seed(0)
