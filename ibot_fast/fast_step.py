@@ -7,8 +7,8 @@ tests/test_fast_step.py compares them flag by flag) with these changes, each beh
 
 * ``--head_tokens selected`` (default; ``all`` is the reference's head on every token): the
   student head runs on the [CLS] token of every crop and on the masked patch tokens only,
-  gathered with the loader's padded flat indices (``MaskBatch.idx_M``, static shape
-  M = ng·B·max_masked); the teacher's K-way last layer runs on its [CLS] tokens and the same
+  gathered with the loader's flat indices (``MaskBatch.idx_M``: an eager step takes its masked
+  rows only, the compiled step the padded static M = ng·B·max_masked); the teacher's K-way last layer runs on its [CLS] tokens and the same
   masked positions. The teacher patch centre needs the mean of the teacher logits over *all*
   patch tokens; the last layer is linear without bias, so ``mean_t(W ẑ_t) = W mean_t(ẑ_t)``:
   the teacher MLP runs on every token (its bottleneck vectors are needed for the mean), the
@@ -57,7 +57,7 @@ tests/test_fast_step.py compares them flag by flag) with these changes, each beh
 ``--compile`` and ``--fused_head_loss`` stay opt-in until a GPU measurement shows they win.
 
 Shapes: B images per crop, ng global / nl local crops, nc = ng + nl, N (n) patch tokens of a
-global (local) crop, D width, K / K2 head outputs, M = ng·B·max_masked selected patch rows,
+global (local) crop, D width, K / K2 head outputs, M selected patch rows (masked, or padded to ng·B·max_masked),
 R packed tokens.
 """
 from __future__ import annotations
@@ -373,15 +373,23 @@ class FastPath(StepPath):
             terms = self.ibot_loss(s_out, t_out, s_local, masks, epoch)
             return terms, t_out[0], s_out[0]
         N = mb.masks_CBHW.shape[-2] * mb.masks_CBHW.shape[-1]
+        idx_M, weight_M = mb.idx_M, mb.weight_M
+        if self.compile != "step" and mb.n_valid_host is not None:
+            # eager: the heads run on the masked rows only. The padding rows (weight 0) add
+            # exact zeros to the loss and its gradients, but cost head FLOPs: at the recipe's
+            # masking about 3 of every 4 padded rows are padding. The compiled step keeps the
+            # static M (a new length would recompile); without a host count (masks made on
+            # the GPU) reading it would wait for the device, so the padding stays too.
+            idx_M, weight_M = idx_M[:mb.n_valid_host], weight_M[:mb.n_valid_host]
         # [CLS] rows of every crop group, then the masked patch rows of the globals
-        sel = torch.cat([self._cls_index(crops), patch_token_rows(mb.idx_M, N)])
+        sel = torch.cat([self._cls_index(crops), patch_token_rows(idx_M, N)])
         if self.compile == "step":
             # drop-path draws and this epoch's temperatures enter as inputs: the compiled
             # graph holds no RNG and no per-epoch constant
-            return self._step_fn(globals_, crops, group_masks, mb.idx_M, mb.weight_M, sel,
+            return self._step_fn(globals_, crops, group_masks, idx_M, weight_M, sel,
                                  self.fast_student.draws(crops), epoch,
                                  self._temperatures(epoch))
-        return self._forward_selected(globals_, crops, group_masks, mb.idx_M, mb.weight_M, sel,
+        return self._forward_selected(globals_, crops, group_masks, idx_M, weight_M, sel,
                                       None, epoch)
 
     def _forward_selected(self, globals_, crops, group_masks, idx_M, weight_M, sel, draws,

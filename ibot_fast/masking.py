@@ -650,6 +650,9 @@ class MaskBatch(list):
                     and over the C views. The weights of an image sum to 1/(B*C).
     ``counts_CB``   int32 [C, B]: masked tokens per image.
     ``n_valid``     int64 0-dim tensor on the same device (no host sync to read it lazily).
+    ``n_valid_host`` the same count as a Python int when the batch was built on the CPU (the
+                    loader's back ends), ``None`` otherwise; kept through ``.to()`` and pickling,
+                    so an eager step can cut the padding off without a device sync.
     ``max_masked``  int K = floor(max(pred_ratio + pred_ratio_var) * H * W), from the
                     configuration (:meth:`MaskGenerator.max_masked`), so M never changes.
 
@@ -659,11 +662,15 @@ class MaskBatch(list):
 
     _FIELDS = ("masks_CBHW", "idx_M", "valid_M", "weight_M", "counts_CB", "n_valid")
 
-    def __init__(self, masks_CBHW, idx_M, valid_M, weight_M, counts_CB, n_valid, max_masked):
+    def __init__(self, masks_CBHW, idx_M, valid_M, weight_M, counts_CB, n_valid, max_masked,
+                 n_valid_host=None):
         super().__init__(masks_CBHW.unbind(0))
         self.masks_CBHW, self.idx_M, self.valid_M = masks_CBHW, idx_M, valid_M
         self.weight_M, self.counts_CB, self.n_valid = weight_M, counts_CB, n_valid
         self.max_masked = int(max_masked)
+        if n_valid_host is None and n_valid.device.type == "cpu":
+            n_valid_host = int(n_valid)  # a CPU tensor: reading it waits for nothing
+        self.n_valid_host = n_valid_host
 
     @classmethod
     def from_masks(cls, masks_CBHW: torch.Tensor, max_masked: int) -> "MaskBatch":
@@ -690,10 +697,11 @@ class MaskBatch(list):
         valid_M[:n] = True
         weight_M[:n] = w_T[sel]
         return cls(masks_CBHW, idx_M, valid_M, weight_M, counts_CB,
-                   torch.tensor(n, dtype=torch.int64, device=dev), max_masked)
+                   torch.tensor(n, dtype=torch.int64, device=dev), max_masked, n)
 
     def _map(self, fn) -> "MaskBatch":
-        return MaskBatch(*(fn(getattr(self, f)) for f in self._FIELDS), self.max_masked)
+        return MaskBatch(*(fn(getattr(self, f)) for f in self._FIELDS), self.max_masked,
+                         self.n_valid_host)
 
     def to(self, *args, **kwargs) -> "MaskBatch":
         return self._map(lambda t: t.to(*args, **kwargs))
@@ -703,7 +711,7 @@ class MaskBatch(list):
 
     def __reduce__(self):  # pickle the tensors once, not also the per-crop views
         return (_rebuild_mask_batch, (tuple(getattr(self, f) for f in self._FIELDS),
-                                      self.max_masked))
+                                      self.max_masked, self.n_valid_host))
 
     def __repr__(self) -> str:
         C, B, H, W = self.masks_CBHW.shape
@@ -711,8 +719,8 @@ class MaskBatch(list):
                 f"M={self.idx_M.numel()}, device={self.masks_CBHW.device})")
 
 
-def _rebuild_mask_batch(fields, max_masked):
-    return MaskBatch(*fields, max_masked)
+def _rebuild_mask_batch(fields, max_masked, n_valid_host=None):
+    return MaskBatch(*fields, max_masked, n_valid_host)
 
 
 class MaskRequest:

@@ -70,6 +70,35 @@ def test_fast_step_plain_mask_list(tmp_path):
     torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-9, atol=1e-12)
 
 
+def test_eager_step_runs_the_heads_on_the_masked_rows_only(tmp_path):
+    """An eager step cuts the padded selection to the loader's masked count (a host int: no
+    device sync): the student's and the teacher's patch head rows are exactly the masked
+    tokens, not ng·B·max_masked, and the count survives ``.to()`` and pickling."""
+    import pickle
+    fast = Trainer(fast_args(tmp_path, "--precision", "fp64"))
+    images, _, masks = next(iter(fast.loader))
+    n = int(masks.n_valid)
+    assert masks.n_valid_host == n < masks.idx_M.numel()
+    assert masks.to("cpu").n_valid_host == pickle.loads(pickle.dumps(masks)).n_valid_host == n
+    head_s = fast.student_without_ddp.head
+    head_t = fast.teacher.head
+    rows = []
+    hooks = [h.last_layer2.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+             for h in (head_s, head_t)]
+    try:
+        fast.train_step([im.double() for im in images], masks, 1, fast.iters_per_epoch)
+    finally:
+        for h in hooks:
+            h.remove()
+    ng, B = len(masks), images[0].shape[0]
+    n_cls = len(images) * B
+    # a shared head's last_layer2 is its last_layer: the teacher's (shared by default) also
+    # takes its ng·B [CLS] rows, the student's [CLS] and patch rows go in one matmul
+    t_rows = [n, 1] + ([ng * B] if head_t.last_layer2 is head_t.last_layer else [])
+    s_rows = [n_cls + n] if head_s.last_layer2 is head_s.last_layer else [n]
+    assert sorted(rows) == sorted(t_rows + s_rows), (rows, ng, B, n)
+
+
 def test_patch_token_rows_by_hand():
     # N = 4 patches per crop: flat patch index 6 is token 2 of image 1 -> row 1*5 + 1 + 2 = 8
     idx = torch.tensor([0, 3, 4, 6, 11])
