@@ -648,6 +648,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
     workers, threads = default_workers_and_threads(args.device)
     if args.num_workers == "auto":
         args.num_workers = workers
+    elif args.num_workers < workers:  # cores no loader worker takes go to the computation
+        threads += workers - args.num_workers
     if args.threads in ("auto", 0):
         env = os.environ.get("OMP_NUM_THREADS", "")
         args.threads = int(env) if env.isdigit() and int(env) > 0 else threads

@@ -225,6 +225,9 @@ def test_auto_workers_and_threads_in_args(cpu, monkeypatch):
     assert parse_args(SMALL).threads == 1  # an explicit environment wins
     args = parse_args(SMALL + ["--num_workers", "0", "--threads", "3"])
     assert (args.num_workers, args.threads) == (0, 3)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    args = parse_args(SMALL + ["--num_workers", "0"])  # no workers: their cores compute
+    assert (args.num_workers, args.threads) == (0, 8)
 
 
 def test_args_hold_resolved_values(cpu):
