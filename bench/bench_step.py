@@ -76,9 +76,8 @@ def _argv(case, fast: bool, precision: str, device: str, compile_=False, fused: 
             "--batch_size_per_gpu", str(case["B"]), "--out_dim", "8192", "--shared_head", "true",
             "--norm_last_layer", "false", "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0",
             "0.2", "--precision", precision, "--device", device, "--num_workers", "0",
-            # the same 2 intra-op threads as the reference variants (--threads auto would keep
-            # a core for a loader worker that --num_workers 0 does not start)
-            "--threads", "2",
+            # --threads auto: with no loader worker every usable core computes, as many threads
+            # as bench_threads() gives the reference variants
             "--data_path", f"synthetic:{case['B']}", "--output_dir", "/tmp/ibot_bench_step",
             "--epochs", "100", "--warmup_teacher_temp_epochs", "30", "--progress", "false",
             "--step", "fast" if fast else "reference", "--compile", str(compile_).lower(),
@@ -193,6 +192,12 @@ def _peak_tflops(device):
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
+def bench_threads() -> int:
+    """Intra-op threads of every variant: the cores this process may use, at most 2 (run under
+    ``taskset -c 0`` for a one-core comparison while the other core is busy)."""
+    return min(2, len(os.sched_getaffinity(0)))
+
+
 def _run_case(benchmark, variant, case, precision, device, rounds, it=50):
     dtype = torch.float32
     images, masks = make_batch(case, device, dtype)
@@ -241,7 +246,7 @@ def _run_case(benchmark, variant, case, precision, device, rounds, it=50):
 @pytest.mark.parametrize("variant", ["refstyle", "reference", "fast", "fast_fused"]
                          + COMPILE_VARIANTS)
 def test_step_cpu(benchmark, case_name, variant):
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(bench_threads())
     benchmark.group = f"step cpu {case_name} 2x96+4x48 B=8 fp32"
     _run_case(benchmark, variant, CPU_CASES[case_name], "fp32", "cpu",
               rounds=int(os.environ.get("IBOT_BENCH_ROUNDS", 5)))
@@ -254,7 +259,7 @@ RECIPE_CPU_CASE = dict(arch="vit_small", g=224, l=96, nl=10, B=4)
 
 @pytest.mark.parametrize("variant", ["reference", "reference_path", "fast"])
 def test_step_cpu_recipe(benchmark, variant):
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(bench_threads())
     benchmark.group = "step cpu vit_small/16 recipe 2x224+10x96 B=4 fp32"
     _run_case(benchmark, variant, RECIPE_CPU_CASE, "fp32", "cpu",
               rounds=int(os.environ.get("IBOT_BENCH_ROUNDS", 5)))
