@@ -1,6 +1,8 @@
 # The two commands of the README. Both do all set-up first (scripts/setup.sh is idempotent).
 PYTHON ?= python3
 NPROC ?= 1
+# pytest-xdist workers of `make test` (0: one process); tests/conftest.py splits the cores.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test bench
 
@@ -14,7 +16,7 @@ demo: setup
 		-m ibot_fast.train --preset demo $(ARGS)
 
 test: setup
-	$(PYTHON) -m pytest tests -q $(ARGS)
+	$(PYTHON) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench: setup
 	$(PYTHON) -m pytest bench --benchmark-only -q $(ARGS)

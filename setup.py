@@ -93,7 +93,8 @@ setup(
         "demo": ["mlxtend"],
         # triton runs its kernels on the CPU under TRITON_INTERPRET=1 (tests); DALI runs CPU-only
         # pipelines with device_id=None (tests), so both are test dependencies, not GPU-only ones.
-        "dev": ["mlxtend", "pytest", "pytest-benchmark", "triton", "nvidia-dali-cuda130"],
+        "dev": ["mlxtend", "pytest", "pytest-benchmark", "pytest-xdist", "triton",
+                "nvidia-dali-cuda130"],
         "gpu": ["triton", "xformers"],
         "dali": ["nvidia-dali-cuda130"],
     },

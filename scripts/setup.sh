@@ -20,7 +20,7 @@ fi
 # IBOT_FAST_NO_EXT=1 skips both the build and this check.
 if ! (cd / && IBOT_FAST_NO_EXT=${IBOT_FAST_NO_EXT:-0} "$PY" -c "
 import os, sys
-import ibot_fast.kernels, mlxtend, pytest, pytest_benchmark, tqdm, matplotlib, PIL, triton, nvidia.dali
+import ibot_fast.kernels, mlxtend, pytest, pytest_benchmark, xdist, tqdm, matplotlib, PIL, triton, nvidia.dali
 import torch
 here = os.path.realpath(sys.argv[1])
 if os.environ['IBOT_FAST_NO_EXT'] != '1':

@@ -3,8 +3,14 @@ import os
 import pytest
 import torch
 
-# Tests are CPU-only by default and must not fight over the 2 cores of a CI machine.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests are CPU-only by default and must not fight over the 2 cores of a CI machine: under
+# pytest-xdist (``make test`` runs 2 workers) each worker, and every process it starts, computes
+# on its share of the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+TEST_THREADS = max(1, min(2, os.cpu_count() or 1) // _WORKERS)
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
+torch.set_num_threads(TEST_THREADS)
 
 # Triton runs on the CPU only through its interpreter, which reads this variable when triton is
 # first imported (importing torch does not import triton): set it before any test module does.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 
 import pytest
 import torch
@@ -192,13 +193,22 @@ def _torchrun(nproc, out, batch, tmp_path, *extra):
     _torchrun_tiny(nproc, out, batch, tmp_path, *extra, config=FAST_TINY)
 
 
+@pytest.fixture(scope="module")
+def reference_one(tmp_path_factory):
+    """The reference step in one process with 4 images for two epochs: what every two-process
+    run below is compared with, trained once for all of them (a test that continues it copies
+    the directory)."""
+    base = tmp_path_factory.mktemp("reference_one")
+    _torchrun(1, base / "one", 4, base, "--step", "reference")
+    return base / "one"
+
+
 @pytest.mark.slow
-def test_fast_step_two_process_gloo_equals_reference_one_process(tmp_path):
+def test_fast_step_two_process_gloo_equals_reference_one_process(tmp_path, reference_one):
     """The fast step under DDP (2 gloo processes x 2 images: its own DDP wrapper around the
     fast student forward) against the reference step in one process with 4 images."""
     _torchrun(2, tmp_path / "two", 2, tmp_path, "--fast_step", "true")
-    _torchrun(1, tmp_path / "one", 4, tmp_path, "--step", "reference")
-    assert_same_weights(tmp_path / "two" / "checkpoint.pth", tmp_path / "one" / "checkpoint.pth")
+    assert_same_weights(tmp_path / "two" / "checkpoint.pth", reference_one / "checkpoint.pth")
 
 
 # ------------------------------------------------------------------------------ FSDP2 (gloo)
@@ -225,7 +235,8 @@ def _assert_same_checkpoint(sa, sb):
 
 
 @pytest.mark.slow
-def test_fsdp_two_process_gloo_equals_reference_and_checkpoints_interchange(tmp_path):
+def test_fsdp_two_process_gloo_equals_reference_and_checkpoints_interchange(tmp_path,
+                                                                          reference_one):
     """--fsdp true on 2 gloo processes x 2 images (student and teacher sharded per block) for
     two epochs, against the reference step in one process with 4 images: weights, teacher,
     centres and the full AdamW state of the checkpoint. Then the FSDP checkpoint (a) loads in a
@@ -233,7 +244,7 @@ def test_fsdp_two_process_gloo_equals_reference_and_checkpoints_interchange(tmp_
     equals the reference's third epoch (the sharded load path and the saved optimiser state)."""
     two, one = tmp_path / "two", tmp_path / "one"
     _torchrun(2, two, 2, tmp_path, "--fast_step", "true", "--fsdp", "true")
-    _torchrun(1, one, 4, tmp_path, "--step", "reference")
+    shutil.copytree(reference_one, one)  # continued for a third epoch below
     sa, sb = _checkpoint(two / "checkpoint.pth"), _checkpoint(one / "checkpoint.pth")
     _assert_same_checkpoint(sa, sb)
 
@@ -255,28 +266,43 @@ def test_fsdp_two_process_gloo_equals_reference_and_checkpoints_interchange(tmp_
     _assert_same_checkpoint(sa, sb)
 
 
+# The two-process compile tests run on aot_eager (dynamo's capture of the DDP / FSDP-wrapped
+# code and AOT autograd, without inductor's code generation: a cold inductor compile of these
+# costs about a minute each on 2 CPU cores). Inductor's code is checked in one process by
+# test_compiled_blocks_do_not_recompile; IBOT_TEST_INDUCTOR=1 runs these on inductor too.
+COMPILE_BACKENDS = [
+    "aot_eager",
+    pytest.param("inductor", marks=pytest.mark.skipif(
+        os.environ.get("IBOT_TEST_INDUCTOR") != "1",
+        reason="a cold inductor compile takes about a minute on 2 CPU cores; "
+               "IBOT_TEST_INDUCTOR=1 runs it")),
+]
+
+
 @pytest.mark.slow
-def test_fsdp_with_compiled_blocks_two_process_gloo_equals_reference(tmp_path):
-    """--fsdp true with --compile blocks (inductor; the compiled blocks are what fully_shard
-    wraps) on 2 gloo processes, two epochs, against the reference step in one process."""
-    two, one = tmp_path / "two", tmp_path / "one"
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_fsdp_with_compiled_blocks_two_process_gloo_equals_reference(tmp_path, reference_one,
+                                                                     backend):
+    """--fsdp true with --compile blocks (the compiled blocks are what fully_shard wraps) on 2
+    gloo processes, two epochs, against the reference step in one process."""
+    two = tmp_path / "two"
     _torchrun(2, two, 2, tmp_path, "--fast_step", "true", "--fsdp", "true",
-              "--compile", "blocks")
-    _torchrun(1, one, 4, tmp_path, "--step", "reference")
+              "--compile", "blocks", "--compile_backend", backend)
     _assert_same_checkpoint(_checkpoint(two / "checkpoint.pth"),
-                            _checkpoint(one / "checkpoint.pth"))
+                            _checkpoint(reference_one / "checkpoint.pth"))
 
 
 @pytest.mark.slow
-def test_ddp_with_compiled_step_two_process_gloo_equals_reference(tmp_path):
-    """--compile step (inductor: forward + loss as one graph, the student DDP-wrapped inside it)
-    on 2 gloo processes, two epochs, against the reference step in one process. ~70 s on 2
-    cores with a cold inductor cache."""
-    two, one = tmp_path / "two", tmp_path / "one"
-    _torchrun(2, two, 2, tmp_path, "--fast_step", "true", "--compile", "step")
-    _torchrun(1, one, 4, tmp_path, "--step", "reference")
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_ddp_with_compiled_step_two_process_gloo_equals_reference(tmp_path, reference_one,
+                                                                  backend):
+    """--compile step (forward + loss as one graph, the student DDP-wrapped inside it) on 2
+    gloo processes, two epochs, against the reference step in one process."""
+    two = tmp_path / "two"
+    _torchrun(2, two, 2, tmp_path, "--fast_step", "true", "--compile", "step",
+              "--compile_backend", backend)
     _assert_same_checkpoint(_checkpoint(two / "checkpoint.pth"),
-                            _checkpoint(one / "checkpoint.pth"))
+                            _checkpoint(reference_one / "checkpoint.pth"))
 
 
 def test_fsdp_needs_a_process_group(tmp_path, monkeypatch, capsys):
