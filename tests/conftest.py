@@ -18,7 +18,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# The files that take longest, longest first (measured: the full demo alone is minutes). With
+# ``--dist loadfile`` xdist hands out whole files in collection order, so starting these first
+# keeps one long file from running alone at the end while the other worker idles.
+LONGEST_FILES_FIRST = ("test_knn.py", "test_reliability.py", "test_fast_step.py",
+                       "test_train.py", "test_kernels_sm90.py", "test_fast_step_fused.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order in a file
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -1,6 +1,8 @@
 """Weighted k-NN evaluation: the vote by hand, the CLI on a checkpoint, and the demo end to end."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 
@@ -59,13 +61,22 @@ def test_cli_on_a_checkpoint(tmp_path, capsys):
     assert res["teacher (epoch 1)"][1]["top1"] == 100.0
 
 
+@pytest.fixture(scope="module")
+def full_demo(tmp_path_factory):
+    """`make demo`'s job (``--preset demo``, in full), run once for the tests below: its output
+    directory and what it printed."""
+    out = tmp_path_factory.mktemp("full_demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train_main(["--preset", "demo", "--output_dir", str(out), "--progress", "false"])
+    return out, printed.getvalue()
+
+
 @pytest.mark.slow
-def test_demo_preset_end_to_end(tmp_path, capsys):
-    """The README's main job, shortened to 2 steps per epoch: MNIST folder, training,
-    checkpoint, curve and the k-NN table of the teacher next to the random init."""
-    out = tmp_path / "demo"
-    train_main(["--preset", "demo", "--output_dir", str(out), "--max_steps_per_epoch", "2",
-                "--progress", "false", "--num_workers", "0"])
+def test_demo_preset_end_to_end(full_demo):
+    """The README's main job: MNIST folder, training, checkpoint, curve and the k-NN table of
+    the teacher next to the random init."""
+    out, printed = full_demo
     for name in ("checkpoint.pth", "log.txt", "loss_curve.png", "knn.json"):
         assert (out / name).is_file(), name
     res = json.loads((out / "knn.json").read_text())["results"]
@@ -74,7 +85,7 @@ def test_demo_preset_end_to_end(tmp_path, capsys):
         for k in ("10", "20", "100", "200"):
             assert 10.0 < res[name][k]["top1"] <= 100.0  # better than chance on 10 digits
             assert math.isfinite(res[name][k]["top5"])
-    assert "random init" in capsys.readouterr().out
+    assert "random init" in printed
 
 
 # What "the demo learns" means, checked on the logs a demo run leaves (log.txt: one line per
@@ -146,15 +157,14 @@ def test_demo_criteria_reject_the_collapsed_curve():
 
 
 @pytest.mark.slow
-def test_full_demo_learns_and_beats_random_init(tmp_path):
+def test_full_demo_learns_and_beats_random_init(full_demo):
     """The README's acceptance claims, run in full (`make demo`'s job, ~4 min on 2 idle
     cores): the loss goes down and stays down, the [CLS] term is off ln K in the last epoch,
     the teacher's k-NN improves over the epochs (evaluated after every one), and at the end
     the teacher's k-NN top-1 is above the random-init network's at every k."""
     from ibot_fast.config import PRESETS
 
-    out = tmp_path / "demo"
-    train_main(["--preset", "demo", "--output_dir", str(out), "--progress", "false"])
+    out, _ = full_demo
     res = json.loads((out / "knn.json").read_text())["results"]
     for k in ("10", "20", "100", "200"):
         assert res["teacher (trained)"][k]["top1"] > res["random init"][k]["top1"], (k, res)
