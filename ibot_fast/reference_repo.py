@@ -16,8 +16,10 @@ Why the import needs care, and what is done about it:
   ``timm``'s registry and layers, ``munkres``, ``sklearn``). A finder placed *last* on
   ``sys.meta_path`` during the import answers only for those names and only when the real
   package cannot be found, with a stub module: ``timm``'s ``register_model`` is the identity
-  (the reference decorates its Swin factories with it); every other name is a placeholder
-  class that raises when used. Installed packages are used as they are.
+  (the reference decorates its Swin factories with it); ``timm.models.layers`` gets
+  ``DropPath``, ``trunc_normal_`` and ``to_2tuple`` (ibot_fast's, the same computations) so
+  the reference's Swin can be built; every other name is a placeholder class that raises when
+  used. Installed packages are used as they are.
 * ``loader`` (the dataset, on torchvision's ImageFolder) and ``evaluation.*`` (``eval_pred``,
   on munkres) are replaced by such stubs outright: the step is fed crops and masks, and
   ``eval_pred`` runs only at the end of an epoch.
@@ -103,6 +105,13 @@ def _make_stub(name: str) -> _StubModule:
     mod.__file__ = None
     if name == "timm.models.registry":
         mod.register_model = lambda fn: fn  # a decorator at import time of models/swin_*.py
+    if name == "timm.models.layers":
+        # what the reference's Swin builds with; the same computations as timm's (the
+        # inverse-CDF trunc_normal_ of timm <= 0.4, per-sample drop path), so the reference's
+        # Swin can be built without timm installed
+        from ibot_fast.models.vit import DropPath, trunc_normal_
+        mod.DropPath, mod.trunc_normal_ = DropPath, trunc_normal_
+        mod.to_2tuple = lambda x: tuple(x) if isinstance(x, (list, tuple)) else (x, x)
     return mod
 
 
