@@ -273,6 +273,8 @@ def reference_backbone(ref, arch: str, patch_size: int, img_size: int, **kwargs)
     /16); ibot_fast's ``--global_crops_size`` sets it, so equal weights fit both."""
     from ibot_fast.models.vit import ARCHS
 
+    if arch.startswith("swin"):
+        return reference_swin(ref, arch, img_size, **kwargs)
     name = arch.replace("deit", "vit", 1) if arch.startswith("deit") else arch
     kwargs = dict(patch_size=patch_size, img_size=[img_size], **kwargs)
     if name in getattr(ref.models, "__dict__", {}) and name.startswith("vit"):
@@ -285,6 +287,23 @@ def reference_backbone(ref, arch: str, patch_size: int, img_size: int, **kwargs)
     return ref.VisionTransformer(
         embed_dim=ours.embed_dim, depth=len(ours.blocks), num_heads=blk.attn.num_heads,
         mlp_ratio=blk.mlp.fc1.out_features / ours.embed_dim, qkv_bias=True, **kwargs)
+
+
+def reference_swin(ref, arch: str, img_size: int, window_size: int = 7, **kwargs):
+    """The reference's Swin for ``arch``: its factory (swin_tiny ... swin_large) where it has
+    one, else (``swin_nano``, ours only) its ``SwinTransformer`` class with our widths.
+    ``img_size`` sizes the stage windows (the reference builds for 224)."""
+    from ibot_fast.models.swin import SWIN_CONFIGS
+
+    kwargs = dict(window_size=window_size, img_size=img_size, **kwargs)
+    if arch in getattr(ref.models, "__dict__", {}):
+        return ref.models.__dict__[arch](**kwargs)
+    if arch not in SWIN_CONFIGS:
+        raise ValueError(f"arch {arch!r}: neither the reference nor ibot_fast has it")
+    cfg = SWIN_CONFIGS[arch]
+    return ref.models.SwinTransformer(embed_dim=cfg["embed_dim"], depths=list(cfg["depths"]),
+                                      num_heads=list(cfg["num_heads"]), mlp_ratio=4,
+                                      qkv_bias=True, **kwargs)
 
 
 class ReferenceTrainStep:
@@ -310,12 +329,16 @@ class ReferenceTrainStep:
         u = ref.utils
 
         # ---- networks (train_ibot: "building student and teacher networks") ----
+        # Swin: window_size as main_ibot passes it; drop_path_rate from args (main_ibot leaves
+        # the factory's default, 0.1 for swin_tiny, 0.2 for the others)
+        swin = dict(window_size=args.window_size) if args.arch.startswith("swin") else {}
         student = reference_backbone(ref, args.arch, args.patch_size, args.global_crops_size,
                                      drop_path_rate=args.drop_path, return_all_tokens=True,
-                                     masked_im_modeling=args.use_masked_im_modeling)
+                                     masked_im_modeling=args.use_masked_im_modeling, **swin)
         teacher = reference_backbone(ref, args.arch, args.patch_size, args.global_crops_size,
-                                     return_all_tokens=True)
-        embed_dim = student.embed_dim
+                                     return_all_tokens=True,
+                                     **(dict(swin, drop_path_rate=0.0) if swin else {}))
+        embed_dim = student.num_features if swin else student.embed_dim
         head_kw = dict(hidden_dim=args.head_hidden_dim, bottleneck_dim=args.head_bottleneck_dim,
                        # ibot_fast's head: the reference's defaults (no norm, GELU)
                        norm=None, act="gelu")
