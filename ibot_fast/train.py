@@ -158,7 +158,7 @@ class Trainer:
             shared_head_teacher=args.shared_head_teacher, norm_last_layer=args.norm_last_layer,
             drop_path=args.drop_path, use_masked_im_modeling=args.use_masked_im_modeling,
             head_hidden_dim=args.head_hidden_dim, head_bottleneck_dim=args.head_bottleneck_dim,
-            window_size=getattr(args, "window_size", 7))
+            window_size=args.window_size)
         # fp64 is for verification (e.g. DDP vs one process): Adam turns last-bit gradient noise
         # into visible updates, so fp32 runs of different reduction orders drift apart slowly.
         self.param_dtype = torch.float64 if args.precision == "fp64" else torch.float32

@@ -327,3 +327,29 @@ def test_train_steps_match_reference_swin(window, tmp_path):
                    "--batch_size_per_gpu", "2", "--lr", "0.05", "--freeze_last_layer", "1",
                    "--clip_grad", "0.05", "--drop_path", "0.1", "--precision", "fp64"]
     compare_train_steps_with_reference(load_reference(REPO), argv, tmp_path)
+
+
+# ----------------------------------------------------------------------------- eval and viz
+def test_knn_features_linear_probe_and_attention_refusal(tmp_path):
+    from ibot_fast.eval.knn import random_init_backbone
+    from ibot_fast.eval.linear import probe_features
+    from ibot_fast.viz import attention
+
+    path, s, t = _swin_checkpoint(tmp_path)
+    bb, info = convert.load_backbone(str(path))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = bb(x, return_all_tokens=False)  # the k-NN feature
+        torch.testing.assert_close(pooled, bb(x)[:, 0])
+        feats = probe_features(bb.get_intermediate_layers(x, 1))  # linear probe, n = 1
+        torch.testing.assert_close(feats, pooled)
+        assert [o.shape[-1] for o in bb.get_intermediate_layers(x, 3)] == [64, 128, 128]
+    import argparse
+    rb = random_init_backbone(argparse.Namespace(arch="swin_nano", patch_size=4,
+                                                 global_crops_size=64, window_size=7, seed=0),
+                              torch.device("cpu"))
+    assert isinstance(rb, SwinTransformer)
+    with pytest.raises(ValueError, match="ViT backbones only"):
+        attention.cls_attention_maps(bb, x[:1])
+    with pytest.raises(SystemExit, match="ViT backbones only"):
+        attention.main([str(path), "--checkpoint", str(path)])

@@ -424,7 +424,8 @@ class SwinTransformer(nn.Module):
     def get_last_selfattention(self, x):
         raise NotImplementedError(
             "attention maps are for ViT backbones: Swin has no [CLS] token to attend from "
-            "(its [CLS] slot is an average of the final tokens) and attends within windows")
+            "(its [CLS] slot is an average of the final tokens) and attends within windows; "
+            "SwinBlock.attention_probs gives a block's window attention")
 
 
 # ---------------------------------------------------------------------------------- factories
