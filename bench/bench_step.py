@@ -232,6 +232,8 @@ def _run_case(benchmark, variant, case, precision, device, rounds, it=50):
         _sync(device)
 
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: the step ran once, nothing timed
+        return tr, {"step_gflop": flops / 1e9}
     sec = benchmark.stats.stats.median
     n_img = case["B"]
     info = {"img_s": n_img / sec, "step_gflop": flops / 1e9,

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "and head widths are hard-coded there)")
     g.add_argument("--arch", default="vit_small",
                    help="vit_nano | vit_tiny | vit_small | vit_base | vit_large (deit_* "
-                        "accepted) | swin_tiny | swin_small | swin_base | swin_large")
+                        "accepted) | swin_tiny | swin_small | swin_base | swin_large | "
+                        "swin_nano (not in the reference: a tiny Swin for tests)")
     g.add_argument("--patch_size", type=int, default=16,
                    help="ViT patch size (Swin: 4, the only size it is built for)")
     g.add_argument("--window_size", type=int, default=7,
