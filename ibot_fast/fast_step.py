@@ -21,7 +21,7 @@ tests/test_fast_step.py compares them flag by flag) with these changes, each beh
   ``weight_v``/``weight_g``), the teacher its rows' vectors and weight, and neither ``[M, K2]``
   logits tensor exists. [CLS] rows and the teacher centre (by linearity, as above) are
   unchanged.
-* ``--packed_crops true`` (default): masked global crops and local crops go through each
+* ``--packed_crops true`` (default for ViT): masked global crops and local crops go through each
   student block together as one flat token stream (LayerNorm, linears and MLP once; attention
   per crop: ``ibot_fast/models/packed.py``); ``false`` runs them in separate passes.
 * Swin backbones (``--arch swin_*``) are not packed: the crops of each resolution go through

@@ -218,16 +218,20 @@ def test_swin_parse_defaults_and_preset(tmp_path):
 
 
 # ---------------------------------------------------------------------- training (no checkout)
-def test_loader_masks_on_the_32px_grid_and_steps_agree(tmp_path):
-    """The loader draws masks on the 32-px grid (2x2 for 64 px); the default (unpacked) fast
-    step and the reference path give the same loss and gradients in fp64."""
+@pytest.mark.parametrize("extra", [[], ["--fused_head_loss", "true"],
+                                   ["--head_tokens", "all"]], ids=["default", "fused", "all"])
+def test_loader_masks_on_the_32px_grid_and_steps_agree(tmp_path, extra):
+    """The loader draws masks on the 32-px grid (2x2 for 64 px); the (unpacked) fast step --
+    selected-token head + centre by linearity + fused loss, with the patch layer inside the
+    loss, or the head on every token -- and the reference path give the same loss terms,
+    gradients and centres in fp64."""
     from helpers import run_steps
 
     from ibot_fast.train import Trainer
     argv = SWIN + ["--precision", "fp64", "--drop_path", "0.1", "--lr", "0.05"]
     ref = Trainer(parse_args(argv + ["--output_dir", str(tmp_path / "r"), "--step",
                                      "reference"]))
-    fast = Trainer(parse_args(argv + ["--output_dir", str(tmp_path / "f")]))
+    fast = Trainer(parse_args(argv + ["--output_dir", str(tmp_path / "f")] + extra))
     batch = next(iter(ref.loader))
     images, _, masks = batch
     m = masks.masks_CBHW if hasattr(masks, "masks_CBHW") else torch.stack(list(masks[:2]))
@@ -240,6 +244,9 @@ def test_loader_masks_on_the_32px_grid_and_steps_agree(tmp_path):
         for name, g in rg.items():
             if g is not None:
                 torch.testing.assert_close(fg[name], g, **FP64, msg=name)
+    for key in ("center", "center2"):
+        torch.testing.assert_close(getattr(fast.ibot_loss, key), getattr(ref.ibot_loss, key),
+                                   **FP64)
 
 
 # ---------------------------------------------------------------------------- convert / export

@@ -155,10 +155,16 @@ class WindowAttention(nn.Module):
     def forward(self, x, nW: int, shift_mask=None):
         """x [B·nW, n, C] (windows of each image consecutive); shift_mask [nW, n, n] or None."""
         Bw, n, C = x.shape
+        B, nh = Bw // nW, self.num_heads
         q, k, v = self._qkv(x, nW)  # each [B, nW, nh, n, dh]
-        mask = self._scores_mask(x, shift_mask)  # broadcasts over B (and nW when unshifted)
+        mask = self._scores_mask(x, shift_mask)  # [1 or nW, nh, n, n]
         if self.attn_backend == "sdpa":
+            # 4-D for the fused kernels: windows and heads share one axis, [B, nW·nh, n, dh];
+            # the mask [1, nW·nh, n, n] broadcasts over the images
+            q, k, v = (t.reshape(B, nW * nh, n, self.head_dim) for t in (q, k, v))
+            mask = mask.expand(nW, nh, n, n).reshape(1, nW * nh, n, n)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            o = o.view(B, nW, nh, n, self.head_dim)
         else:  # math: the explicit softmax(q kᵀ · scale + mask) v
             o = ((q * self.scale) @ k.transpose(-2, -1) + mask).softmax(dim=-1) @ v
         # [B, nW, nh, n, dh] -> [B, nW, n, nh, dh] -> [B·nW, n, C]
