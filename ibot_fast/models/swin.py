@@ -361,9 +361,6 @@ class SwinTransformer(nn.Module):
             if isinstance(m, WindowAttention):
                 m.attn_backend = name
 
-    def blocks_flat(self):
-        return [b for layer in self.layers for b in layer.blocks]
-
     def get_num_layers(self):
         return sum(self.depths)
 
