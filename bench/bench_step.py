@@ -35,6 +35,10 @@ bf16 peak (``IBOT_PEAK_TFLOPS`` overrides). MFU counts the *fast* step's FLOPs f
 variants: the work the loss needs, so the reference-style step's wasted head work does not
 count as utilisation.
 
+``test_step_cpu_swin_recipe``: the same three variants (reference, reference_path, fast) for
+swin_tiny at the README Swin-T/14 recipe's crops (patch 4, window 14, 2 x 224 + 10 x 96, K = 8192
+shared head, fp32, batch 2); the fast step runs Swin's crops per resolution (no packing).
+
 ``test_selected_head_flops`` counts the head's FLOPs alone (student and teacher, forward and
 backward where the step runs them) on all tokens vs on the selected rows, against the analytic
 count of rows.
@@ -71,7 +75,10 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per G
 
 
 def _argv(case, fast: bool, precision: str, device: str, compile_=False, fused: bool = False):
-    return ["--arch", case["arch"], "--patch_size", "16", "--global_crops_size", str(case["g"]),
+    swin = ["--window_size", str(case["window"])] if "window" in case else []
+    return swin + [
+            "--arch", case["arch"], "--patch_size", str(case.get("patch", 16)),
+            "--global_crops_size", str(case["g"]),
             "--local_crops_size", str(case["l"]), "--local_crops_number", str(case["nl"]),
             "--batch_size_per_gpu", str(case["B"]), "--out_dim", "8192", "--shared_head", "true",
             "--norm_last_layer", "false", "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0",
@@ -91,7 +98,7 @@ def make_batch(case, device, dtype, seed=0):
     images = [torch.randn(B, 3, case["g"], case["g"], generator=g) for _ in range(2)]
     images += [torch.randn(B, 3, case["l"], case["l"], generator=g) for _ in range(case["nl"])]
     gen = MaskGenerator([0.0, 0.3], [0.0, 0.2])
-    h = case["g"] // 16
+    h = case["g"] // case.get("mask_cell", 16)  # the mask grid (Swin: 32-px cells)
     masks = MaskBatcher(gen, "python", seed=seed).generate(list(range(B)), 0, h, h, 2)
     return [im.to(device, dtype) for im in images], masks.to(device)
 
@@ -230,6 +237,8 @@ def _run_case(benchmark, variant, case, precision, device, rounds, it=50):
         _sync(device)
 
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: the step ran once, nothing timed
+        return tr, {"step_gflop": flops / 1e9}
     sec = benchmark.stats.stats.median
     n_img = case["B"]
     info = {"img_s": n_img / sec, "step_gflop": flops / 1e9,
@@ -262,6 +271,21 @@ def test_step_cpu_recipe(benchmark, variant):
     torch.set_num_threads(bench_threads())
     benchmark.group = "step cpu vit_small/16 recipe 2x224+10x96 B=4 fp32"
     _run_case(benchmark, variant, RECIPE_CPU_CASE, "fp32", "cpu",
+              rounds=int(os.environ.get("IBOT_BENCH_ROUNDS", 5)))
+
+
+# The README Swin-T/14 recipe's crops on the CPU (swin_tiny, patch 4, window 14, 2 x 224 +
+# 10 x 96, K = 8192 shared head, fp32, batch 2): default step vs the real reference step and
+# our reference path.
+SWIN_RECIPE_CPU_CASE = dict(arch="swin_tiny", g=224, l=96, nl=10, B=2, patch=4, window=14,
+                            mask_cell=32)
+
+
+@pytest.mark.parametrize("variant", ["reference", "reference_path", "fast"])
+def test_step_cpu_swin_recipe(benchmark, variant):
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    benchmark.group = "step cpu swin_tiny/4 window 14 recipe 2x224+10x96 B=2 fp32"
+    _run_case(benchmark, variant, SWIN_RECIPE_CPU_CASE, "fp32", "cpu",
               rounds=int(os.environ.get("IBOT_BENCH_ROUNDS", 5)))
 
 

@@ -310,7 +310,7 @@ def _arch_summary(args: dict | None) -> str:
     if not args:
         return "unknown flags"
     keys = ("arch", "patch_size", "out_dim", "patch_out_dim", "shared_head", "head_hidden_dim",
-            "head_bottleneck_dim", "global_crops_size", "use_masked_im_modeling")
+            "head_bottleneck_dim", "global_crops_size", "use_masked_im_modeling", "window_size")
     return " ".join(f"--{k} {args[k]}" for k in keys if k in args)
 
 

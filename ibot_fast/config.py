@@ -27,6 +27,8 @@ from ibot_fast.ema import EMA_BACKENDS
 from ibot_fast.fast_step import COMPILE_MODES, DROP_PATH_MODES, HEAD_TOKENS
 from ibot_fast.loss import LOSS_BACKENDS
 from ibot_fast.models.packed import ALL_ATTN_BACKENDS
+from ibot_fast.models.swin import (SWIN_ARCHS, SWIN_ATTN_BACKENDS, SWIN_MASK_CELL,
+                                   SWIN_PATCH_SIZE, is_swin)
 from ibot_fast.step import STEP_PATHS
 
 # Named recipes. Values override the parser defaults; explicit flags override these.
@@ -38,6 +40,15 @@ PRESETS: dict[str, dict] = {
         pred_ratio=[0.0, 0.3], pred_ratio_var=[0.0, 0.2], batch_size_per_gpu=64, epochs=800,
         global_crops_scale=(0.25, 1.0), local_crops_number=10, local_crops_scale=(0.05, 0.25),
         lr=5e-4, min_lr=1e-6, warmup_epochs=10, drop_path=0.1,
+    ),
+    # README Swin-T/14 recipe of the reference (300 epochs, 40 GPUs x 26 images); drop_path
+    # 0.1 is the reference's swin_tiny default (its main_ibot passes no --drop_path to Swin).
+    "swin_tiny_14_recipe": dict(
+        arch="swin_tiny", patch_size=4, window_size=14, out_dim=8192, shared_head=True,
+        norm_last_layer=False, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
+        pred_ratio=[0.0, 0.3], pred_ratio_var=[0.0, 0.2], pred_start_epoch=50,
+        batch_size_per_gpu=26, epochs=300, global_crops_scale=(0.25, 1.0),
+        local_crops_number=10, local_crops_scale=(0.05, 0.25), drop_path=0.1,
     ),
     # A few minutes on 2 CPU cores: the embedded MNIST digits, small crops, a small model and
     # head. Measured on the MNIST digits (README): a vit_tiny at the recipe's lr/momentum gets
@@ -117,7 +128,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        "ibot_fast.train", description="iBOT pre-training of Vision Transformers. Defaults "
+        "ibot_fast.train", description="iBOT pre-training of Vision Transformers (ViT, "
+        "Swin). Defaults "
         "marked auto are resolved for the machine and recorded in output_dir/args.json.",
         formatter_class=_HelpFormatter, allow_abbrev=False)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -127,8 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "and head widths are hard-coded there)")
     g.add_argument("--arch", default="vit_small",
                    help="vit_nano | vit_tiny | vit_small | vit_base | vit_large (deit_* "
-                        "accepted)")
-    g.add_argument("--patch_size", type=int, default=16, help="ViT patch size")
+                        "accepted) | swin_tiny | swin_small | swin_base | swin_large | "
+                        "swin_nano (not in the reference: a tiny Swin for tests)")
+    g.add_argument("--patch_size", type=int, default=16,
+                   help="ViT patch size (Swin: 4, the only size it is built for)")
+    g.add_argument("--window_size", type=int, default=7,
+                   help="Swin attention window side (tokens); ignored by ViT")
     g.add_argument("--out_dim", type=int, default=8192, help="[CLS] head output dimension K")
     g.add_argument("--patch_out_dim", type=int, default=8192,
                    help="patch head output dimension (follows out_dim when a head is shared)")
@@ -209,8 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "16-bit only)")
     g.add_argument("--head_tokens", choices=HEAD_TOKENS, default="selected",
                    help="fast step: head on [CLS] + masked tokens only, or on every token")
-    g.add_argument("--packed_crops", type=_bool, default=True,
-                   help="fast step: global and local crops through each block in one pass")
+    g.add_argument("--packed_crops", type=_bool, default=None,
+                   help="fast step: global and local crops through each block in one pass "
+                        "(ViT only; default: unset = true for ViT, Swin runs the crops of "
+                        "each resolution in their own pass)")
     g.add_argument("--loss_backend", choices=LOSS_BACKENDS, default="auto",
                    help="loss kernels: auto (triton on CUDA, chunked torch otherwise), "
                         "triton, torch, or eager (the dense reference loss: needs --step "
@@ -338,7 +356,7 @@ def _flag(name, value) -> str:
 
 def _fast_only_rule(name: str, neutral) -> Rule:
     return Rule(f"reference-step-{name}",
-                lambda a: a.step == "reference" and vars(a)[name] != neutral,
+                lambda a: a.step == "reference" and vars(a)[name] not in (neutral, None),
                 f"{{}} is an option of the fast step: drop --step reference (or "
                 f"--fast_step false), or leave --{name} at {_flag(name, neutral).split()[1]}")
 
@@ -429,6 +447,27 @@ CROSS_FLAG_RULES: tuple[Rule, ...] = (
          and a.data_path.startswith("synthetic"),
          "--data_backend dali decodes image files; --data_path synthetic generates images: "
          "use --data_backend torch (or auto)"),
+    # ---- Swin: the packed stream, block compilation, subset drop path and FSDP's per-block
+    # sharding are written for ViT blocks ----
+    Rule("swin-attn_backend",
+         lambda a: is_swin(a.arch) and a.attn_backend not in SWIN_ATTN_BACKENDS,
+         "{} is a ViT attention back end; with a Swin --arch use --attn_backend "
+         + " or ".join(SWIN_ATTN_BACKENDS)),
+    Rule("swin-packed_crops",
+         lambda a: is_swin(a.arch) and a.packed_crops is True,
+         "--packed_crops true packs ViT crops into one token stream; a Swin --arch runs the "
+         "crops of each resolution in their own pass: leave --packed_crops unset (or false)"),
+    Rule("swin-compile",
+         lambda a: is_swin(a.arch) and a.compile is not False,
+         "--compile compiles the ViT blocks of the fast step; with a Swin --arch use "
+         "--compile false"),
+    Rule("swin-drop_path_mode",
+         lambda a: is_swin(a.arch) and a.drop_path_mode != "sample",
+         "--drop_path_mode subset is the packed ViT stream's stochastic depth; with a Swin "
+         "--arch use --drop_path_mode sample"),
+    Rule("swin-fsdp",
+         lambda a: is_swin(a.arch) and a.fsdp,
+         "--fsdp true shards ViT blocks; with a Swin --arch use DDP (--fsdp false)"),
     Rule("fsdp-torchrun",
          lambda a: a.fsdp and "WORLD_SIZE" not in os.environ,
          "--fsdp true shards over a process group: launch with torchrun (torchrun "
@@ -441,7 +480,7 @@ def _rule_flags(rule: Rule, args) -> str:
     name = rule.name.removeprefix("reference-step-")
     if name in FAST_ONLY_FLAGS:
         return _flag(name, vars(args)[name])
-    if rule.name == "attn_backend-device":
+    if rule.name in ("attn_backend-device", "swin-attn_backend"):
         return f"--attn_backend {args.attn_backend}"
     return ""
 
@@ -548,9 +587,20 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
     from ibot_fast.models.vit import ARCHS
 
     arch = args.arch.replace("deit", "vit")
-    if arch not in ARCHS:
-        _fail(parser, f"--arch {args.arch!r} is unknown; choose one of {sorted(ARCHS)}")
+    if arch not in ARCHS and arch not in SWIN_ARCHS:
+        _fail(parser, f"--arch {args.arch!r} is unknown; choose one of "
+                      f"{sorted(ARCHS) + sorted(SWIN_ARCHS)}")
     args.arch = arch
+    if args.window_size < 1:
+        _fail(parser, f"--window_size {args.window_size} must be >= 1")
+    if is_swin(arch):
+        if args.patch_size != SWIN_PATCH_SIZE:
+            _fail(parser, f"--patch_size {args.patch_size}: a Swin --arch is built for "
+                          f"--patch_size {SWIN_PATCH_SIZE}")
+        if args.global_crops_size % SWIN_MASK_CELL:
+            _fail(parser, f"--global_crops_size {args.global_crops_size} is not a multiple of "
+                          f"{SWIN_MASK_CELL}: a Swin --arch masks {SWIN_MASK_CELL}-px cells (one "
+                          "per final-stage token)")
     for name in ("global_crops_size", "local_crops_size"):
         size = vars(args)[name]
         if args.patch_size <= 0 or size % args.patch_size:
@@ -617,6 +667,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
     errs = errs + [e for e in cross_flag_errors(args) if e not in errs]
     if errs:
         _fail(parser, "; ".join(errs))
+    if args.packed_crops is None:  # unset: packed where the backbone can be (ViT)
+        args.packed_crops = not is_swin(args.arch)
     args.use_fp16 = args.precision == "fp16"
     # The patch head follows the [CLS] head's size whenever either net shares it (reference).
     if args.shared_head or args.shared_head_teacher:

@@ -34,6 +34,16 @@ Exports of one backbone (teacher by default):
   ``norm``). The DINO/iBOT ViT was written on timm's layout, so the names coincide; the export
   drops what timm has no slot for (``masked_embed``) and checks every remaining name, so
   ``timm.create_model("vit_small_patch16_224", num_classes=0).load_state_dict(sd)`` is strict.
+* Swin (``--arch swin_*``): the reference's key names are ours, so its full and
+  teacher-backbone files load as they are; the architecture comes from ``args`` (``arch``,
+  ``window_size``; the crop size the windows were sized for is 224 unless ``args`` says
+  otherwise) or from the tensors. ``timm`` export: timm's ``SwinTransformer`` names, which
+  differ in one place: timm's patch merging opens the next stage (our ``layers.{s}.downsample``
+  is timm's ``layers.{s+1}.downsample``); ``relative_position_index`` (a non-persistent buffer
+  in timm) and ``masked_embed`` are dropped. So ``timm.create_model(
+  "swin_tiny_patch4_window7_224", num_classes=0).load_state_dict(sd)`` takes a swin_tiny /
+  window 7 export strictly; timm's LayerNorms use eps 1e-5 where the reference's use 1e-6, so
+  its outputs differ slightly (a window 14 backbone needs ``window_size=14`` at creation).
 * ``ibot_fast``: the whole checkpoint in ibot_fast's layout (what ``--load_from`` also does on
   the fly), to continue pre-training or to evaluate.
 """
@@ -136,6 +146,58 @@ def infer_vit_config(backbone_sd: dict) -> dict:
                 img_size=side * patch_size, mlp_ratio=mlp_ratio)
 
 
+def is_swin_state(backbone_sd: dict) -> bool:
+    return any(k.startswith("layers.") for k in backbone_sd)
+
+
+def infer_swin_config(backbone_sd: dict) -> dict:
+    """Swin facts readable from a backbone state dict: embed_dim, patch_size, in_chans,
+    depths, num_heads, window_size (the first stage's window: the ``--window_size`` unless the
+    crops were smaller than one window)."""
+    proj = backbone_sd["patch_embed.proj.weight"]  # [C0, C, p, p]
+    stages = sorted({int(k.split(".")[1]) for k in backbone_sd if k.startswith("layers.")})
+    depths, heads = [], []
+    for s in stages:
+        blocks = {int(k.split(".")[3]) for k in backbone_sd
+                  if k.startswith(f"layers.{s}.blocks.")}
+        depths.append(len(blocks))
+        heads.append(backbone_sd[f"layers.{s}.blocks.0.attn.relative_position_bias_table"]
+                     .shape[1])
+    table = backbone_sd["layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
+    return dict(embed_dim=proj.shape[0], patch_size=proj.shape[-1], in_chans=proj.shape[1],
+                depths=tuple(depths), num_heads=tuple(heads),
+                window_size=(round(table ** 0.5) + 1) // 2)
+
+
+def swin_arch_for(cfg: dict) -> str:
+    from ibot_fast.models.swin import SWIN_CONFIGS
+
+    for name, c in SWIN_CONFIGS.items():
+        if (c["embed_dim"], tuple(c["depths"]), tuple(c["num_heads"])) == (
+                cfg["embed_dim"], cfg["depths"], cfg["num_heads"]):
+            return name
+    raise ValueError(f"no known Swin has embed_dim {cfg['embed_dim']}, depths {cfg['depths']}, "
+                     f"num_heads {cfg['num_heads']}")
+
+
+def timm_swin_state_dict(sd: dict) -> dict:
+    """Our / the reference's Swin names -> timm's SwinTransformer names (see module doc)."""
+    out = {}
+    for k, v in sd.items():
+        if k == "masked_embed" or k.endswith("relative_position_index"):
+            continue
+        m = re.match(r"^layers\.(\d+)\.downsample\.(.*)$", k)
+        out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}" if m else k] = v
+    return out
+
+
+_TIMM_SWIN_KEY = re.compile(
+    r"^(patch_embed\.(proj|norm)\.(weight|bias)|norm\.(weight|bias)|"
+    r"layers\.\d+\.downsample\.(norm\.(weight|bias)|reduction\.weight)|"
+    r"layers\.\d+\.blocks\.\d+\.(attn\.relative_position_bias_table|"
+    r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)))$")
+
+
 def arch_for(embed_dim: int, depth: int) -> str:
     """The ibot_fast/reference arch name with this width and depth (built on the meta device)."""
     from ibot_fast.models.vit import ARCHS
@@ -179,9 +241,6 @@ def reference_args_to_dict(args, student_sd: dict | None = None) -> dict:
     table, head widths from the head; ``precision`` follows ``use_fp16``."""
     d = ckpt.args_to_dict(args) if args is not None else {}
     arch = str(d.get("arch", ""))
-    if arch.startswith("swin"):
-        raise ValueError(f"checkpoint arch {arch!r}: ibot_fast implements the ViT family only "
-                         "(vit_tiny/small/base/large, deit_* aliases)")
     if arch.startswith("deit"):
         d["arch"] = arch.replace("deit", "vit", 1)
     for key in ("pred_ratio", "pred_ratio_var"):  # a scalar default in the reference
@@ -189,7 +248,14 @@ def reference_args_to_dict(args, student_sd: dict | None = None) -> dict:
             d[key] = [d[key]]
     if student_sd is not None:
         bb, head = _split(student_sd, "backbone."), _split(student_sd, "head.")
-        if bb:
+        if bb and is_swin_state(bb):  # Swin: no position table; the reference builds for 224
+            cfg = infer_swin_config(bb)
+            d.setdefault("global_crops_size", 224)
+            d.setdefault("patch_size", cfg["patch_size"])
+            d.setdefault("window_size", cfg["window_size"])
+            if not d.get("arch"):
+                d["arch"] = swin_arch_for(cfg)
+        elif bb:
             cfg = infer_vit_config(bb)
             d.setdefault("global_crops_size", cfg["img_size"])
             d.setdefault("patch_size", cfg["patch_size"])
@@ -266,6 +332,12 @@ def export_backbone(state: dict, fmt: str, which: str = "teacher",
         if with_head:
             out.update({f"head.{k}": v for k, v in head_state_dict(state, which).items()})
         return {"state_dict": out}
+    if fmt == "timm" and is_swin_state(sd):
+        out = timm_swin_state_dict(sd)
+        bad = [k for k in out if not _TIMM_SWIN_KEY.match(k)]
+        if bad:
+            raise ValueError(f"keys without a timm SwinTransformer counterpart: {bad[:5]}")
+        return out
     if fmt == "timm":
         out = {k: v for k, v in sd.items() if k != "masked_embed"}
         bad = [k for k in out if not _TIMM_KEY.match(k)]
@@ -282,13 +354,15 @@ def build_backbone(state: dict, which: str = "teacher", arch: str | None = None)
     from ibot_fast.models import build_vit
 
     sd = backbone_state_dict(state, which)
-    cfg = infer_vit_config(sd)
     args = state.get("args")
     args = ckpt.args_to_dict(args) if args is not None else {}
+    if is_swin_state(sd):
+        return _build_swin_backbone(state, sd, which, args, arch)
+    cfg = infer_vit_config(sd)
     name = arch or args.get("arch") or arch_for(cfg["embed_dim"], cfg["depth"])
     name = name.replace("deit", "vit", 1) if name.startswith("deit") else name
     if name.startswith("swin"):
-        raise ValueError(f"arch {name!r}: ibot_fast implements the ViT family only")
+        raise ValueError(f"arch {name!r}, but the {which} weights are a ViT's")
     backbone = build_vit(name, cfg["patch_size"], img_size=cfg["img_size"],
                          in_chans=cfg["in_chans"])
     sd = {k: v for k, v in sd.items() if k != "masked_embed"}
@@ -302,6 +376,27 @@ def build_backbone(state: dict, which: str = "teacher", arch: str | None = None)
     return backbone, info
 
 
+def _build_swin_backbone(state, sd, which, args, arch):
+    from ibot_fast.models.swin import SwinTransformer
+
+    cfg = infer_swin_config(sd)
+    name = arch or args.get("arch") or swin_arch_for(cfg)
+    img_size = int(args.get("global_crops_size") or 224)
+    window = int(args.get("window_size") or cfg["window_size"])
+    backbone = SwinTransformer(img_size=img_size, patch_size=cfg["patch_size"],
+                               in_chans=cfg["in_chans"], embed_dim=cfg["embed_dim"],
+                               depths=cfg["depths"], num_heads=cfg["num_heads"],
+                               window_size=window)
+    try:
+        backbone.load_state_dict({k: v for k, v in sd.items() if k != "masked_embed"})
+    except RuntimeError as err:
+        raise ValueError(f"the {which} weights do not fit a {name} (window {window}, "
+                         f"{img_size}-px crops) backbone: {str(err)[:400]}") from err
+    info = dict(arch=name, patch_size=cfg["patch_size"], img_size=img_size,
+                window_size=window, epoch=state.get("epoch"), args=args)
+    return backbone, info
+
+
 def build_head(state: dict, which: str = "teacher"):
     """IBOTHead with the checkpoint's `which` head weights."""
     from ibot_fast.models import IBOTHead
@@ -310,7 +405,9 @@ def build_head(state: dict, which: str = "teacher"):
     if not hsd:
         raise ValueError(f"checkpoint entry {which!r} has no head.* keys")
     h = infer_head_config(hsd)
-    embed_dim = infer_vit_config(backbone_state_dict(state, which))["embed_dim"]
+    bsd = backbone_state_dict(state, which)
+    embed_dim = (bsd["norm.weight"].shape[0] if is_swin_state(bsd)
+                 else infer_vit_config(bsd)["embed_dim"])
     head = IBOTHead(embed_dim, h["out_dim"], patch_out_dim=h["patch_out_dim"],
                     nlayers=h["nlayers"], hidden_dim=h["hidden_dim"],
                     bottleneck_dim=h["bottleneck_dim"], shared_head=h["shared_head"])

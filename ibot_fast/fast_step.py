@@ -21,9 +21,14 @@ tests/test_fast_step.py compares them flag by flag) with these changes, each beh
   ``weight_v``/``weight_g``), the teacher its rows' vectors and weight, and neither ``[M, K2]``
   logits tensor exists. [CLS] rows and the teacher centre (by linearity, as above) are
   unchanged.
-* ``--packed_crops true`` (default): masked global crops and local crops go through each
+* ``--packed_crops true`` (default for ViT): masked global crops and local crops go through each
   student block together as one flat token stream (LayerNorm, linears and MLP once; attention
   per crop: ``ibot_fast/models/packed.py``); ``false`` runs them in separate passes.
+* Swin backbones (``--arch swin_*``) are not packed: the crops of each resolution go through
+  the backbone in their own pass (``--packed_crops`` unset resolves to false; true, ``--compile``,
+  ``--drop_path_mode subset`` and ``--fsdp`` are refused by the flag rules). The backbone's
+  output tokens (pooled [CLS] slot, final-stage tokens, already normed) form the token stream
+  the selected-token head, the centre by linearity and the fused loss read, as for ViT.
 * ``--attn_backend sdpa|math|xformers|flex|varlen`` (models/packed.py; sdpa is the default and
   the CPU path; the others fail with a clear message where they cannot run).
 * ``--compile blocks`` (``true``): every block is ``torch.compile``d (``dynamic=False``): shapes
@@ -70,6 +75,7 @@ from ibot_fast.ema import FlatEMA
 from ibot_fast.masking import MaskBatch, MaskGenerator
 from ibot_fast.models.packed import (PackedBlock, check_attn_backend, cls_rows,
                                      draw_drop_path_coins, draw_subsets, prepare_groups)
+from ibot_fast.models.swin import is_swin
 from ibot_fast.optim import build_optimizer, get_params_groups
 from ibot_fast.step import StepPath, ddp
 
@@ -83,6 +89,22 @@ def patch_token_rows(idx_M: torch.Tensor, n_patches: int) -> torch.Tensor:
     global crops) -> rows of the token stream that also holds each crop's [CLS] first:
     (c·B+b)·(1+N) + 1 + i = idx + idx // N + 1."""
     return idx_M + torch.div(idx_M, n_patches, rounding_mode="floor") + 1
+
+
+def _final_norm(backbone):
+    """The norm the stream's rows still need: ViT's final norm; none for Swin (its output
+    tokens are normed already, the pooled [CLS] slot being the mean of normed tokens)."""
+    return nn.Identity() if is_swin(backbone) else backbone.norm
+
+
+def _swin_stream(backbone, crops, masks):
+    """Swin, one pass per crop group (no packing): (x [R, D] normed output tokens, layout)."""
+    flats, layout = [], []
+    for x, m in zip(crops, masks):
+        t = backbone(x, mask=m)  # [b, 1 + N, D]
+        layout.append((t.shape[0], t.shape[1]))
+        flats.append(t.reshape(-1, t.shape[-1]))
+    return (flats[0] if len(flats) == 1 else torch.cat(flats)), tuple(layout)
 
 
 def _head_logits(head, z_RD: torch.Tensor, n_cls: int):
@@ -168,8 +190,12 @@ class FastStudent(nn.Module):
 
     def tokens(self, crops, masks, draws=None):
         """Backbone before its final norm: (x [R, D], layout). ``draws``: from :meth:`draws`
-        (the whole-step compile draws outside the graph), else drawn here."""
+        (the whole-step compile draws outside the graph), else drawn here. Swin: its output
+        tokens, one pass per group; its DropPath modules draw their own coins, in the
+        reference's order (globals, then locals)."""
         bb = self.student.backbone
+        if self._blocks is None:
+            return _swin_stream(bb, crops, masks)
         x, layout = prepare_groups(bb, crops, masks)
         coins, subsets = self.draws(crops) if draws is None else draws
         if self.packed:
@@ -186,12 +212,13 @@ class FastStudent(nn.Module):
     def forward(self, crops, masks, sel_rows=None, n_cls: int = 0, draws=None):
         x, layout = self.tokens(crops, masks, draws)
         bb, head = self.student.backbone, self.student.head
+        norm = _final_norm(bb)
         if sel_rows is not None:
-            z = head.bottleneck(bb.norm(x.index_select(0, sel_rows)))
+            z = head.bottleneck(norm(x.index_select(0, sel_rows)))
             return (_head_fused if self.fused_head else _head_logits)(head, z, n_cls)
         outs, start = [], 0
         for b, t in layout:
-            y = bb.norm(x[start:start + b * t]).view(b, t, -1)
+            y = norm(x[start:start + b * t]).view(b, t, -1)
             outs.append(head(y))
             start += b * t
         return outs
@@ -214,7 +241,13 @@ class FastPath(StepPath):
         super().__init__(student, teacher, ibot_loss, args.global_crops_number)
         self.device = device
         self.head_tokens = args.head_tokens
-        self.packed = args.packed_crops
+        self.swin = is_swin(student.backbone)
+        # unset (None, e.g. args not through the parser): packed where possible (ViT)
+        self.packed = (not self.swin) if args.packed_crops is None else args.packed_crops
+        if self.swin and (self.packed or args.compile or args.drop_path_mode != "sample"
+                          or args.fsdp):
+            raise ValueError("a Swin backbone runs unpacked in the fast step: --packed_crops "
+                             "false, --compile false, --drop_path_mode sample, --fsdp false")
         self.drop_path_mode = args.drop_path_mode
         self.compile = args.compile
         self.fused_head = args.fused_head_loss
@@ -235,8 +268,13 @@ class FastPath(StepPath):
 
         # ---- blocks, the student module (DDP- or FSDP-wrapped when distributed) ----
         cb = args.compile_backend
-        self.s_blocks = _Blocks(student.backbone, args.attn_backend, self.compile == "blocks", cb)
-        self.t_blocks = _Blocks(teacher.backbone, args.attn_backend, self.compile == "blocks", cb)
+        if self.swin:  # the backbone runs whole (models/swin.py), no packed block runners
+            self.s_blocks = self.t_blocks = None
+        else:
+            self.s_blocks = _Blocks(student.backbone, args.attn_backend,
+                                    self.compile == "blocks", cb)
+            self.t_blocks = _Blocks(teacher.backbone, args.attn_backend,
+                                    self.compile == "blocks", cb)
         self.fast_student = FastStudent(student, self.s_blocks, self.packed,
                                         self.drop_path_mode, self.fused_head)
         self.module = self.fast_student
@@ -336,10 +374,13 @@ class FastPath(StepPath):
 
     def _teacher_forward(self, teacher, globals_, idx_M):
         bb, head = teacher.backbone, teacher.head
-        x, layout = prepare_groups(bb, [globals_], [None])
-        x = self.t_blocks.run(x, layout)
-        (b, t), = layout
-        y = bb.norm(x).view(b, t, -1)
+        if self.swin:
+            y = bb(globals_)  # [ng·B, 1+N, D], normed, pooled [CLS] slot
+        else:
+            x, layout = prepare_groups(bb, [globals_], [None])
+            x = self.t_blocks.run(x, layout)
+            (b, t), = layout
+            y = bb.norm(x).view(b, t, -1)
         if idx_M is None:
             return head(y)
         z = head.bottleneck(y)                       # [ng·B, 1+N, bottleneck], every token
@@ -426,8 +467,13 @@ class FastPath(StepPath):
 
     def _cls_index(self, crops):
         """Rows of the [CLS] tokens in the student's token stream (globals, then locals)."""
-        p = self.student.backbone.patch_size
-        layout = tuple((c.shape[0], 1 + (c.shape[-2] // p) * (c.shape[-1] // p)) for c in crops)
+        bb = self.student.backbone
+        if self.swin:  # one row per final-stage token
+            grids = [bb.token_grid(c.shape[-2], c.shape[-1]) for c in crops]
+        else:
+            p = bb.patch_size
+            grids = [(c.shape[-2] // p, c.shape[-1] // p) for c in crops]
+        layout = tuple((c.shape[0], 1 + h * w) for c, (h, w) in zip(crops, grids))
         return cls_rows(layout, crops[0].device)
 
 

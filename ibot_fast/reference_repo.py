@@ -16,8 +16,10 @@ Why the import needs care, and what is done about it:
   ``timm``'s registry and layers, ``munkres``, ``sklearn``). A finder placed *last* on
   ``sys.meta_path`` during the import answers only for those names and only when the real
   package cannot be found, with a stub module: ``timm``'s ``register_model`` is the identity
-  (the reference decorates its Swin factories with it); every other name is a placeholder
-  class that raises when used. Installed packages are used as they are.
+  (the reference decorates its Swin factories with it); ``timm.models.layers`` gets
+  ``DropPath``, ``trunc_normal_`` and ``to_2tuple`` (ibot_fast's, the same computations) so
+  the reference's Swin can be built; every other name is a placeholder class that raises when
+  used. Installed packages are used as they are.
 * ``loader`` (the dataset, on torchvision's ImageFolder) and ``evaluation.*`` (``eval_pred``,
   on munkres) are replaced by such stubs outright: the step is fed crops and masks, and
   ``eval_pred`` runs only at the end of an epoch.
@@ -103,6 +105,13 @@ def _make_stub(name: str) -> _StubModule:
     mod.__file__ = None
     if name == "timm.models.registry":
         mod.register_model = lambda fn: fn  # a decorator at import time of models/swin_*.py
+    if name == "timm.models.layers":
+        # what the reference's Swin builds with; the same computations as timm's (the
+        # inverse-CDF trunc_normal_ of timm <= 0.4, per-sample drop path), so the reference's
+        # Swin can be built without timm installed
+        from ibot_fast.models.vit import DropPath, trunc_normal_
+        mod.DropPath, mod.trunc_normal_ = DropPath, trunc_normal_
+        mod.to_2tuple = lambda x: tuple(x) if isinstance(x, (list, tuple)) else (x, x)
     return mod
 
 
@@ -264,6 +273,8 @@ def reference_backbone(ref, arch: str, patch_size: int, img_size: int, **kwargs)
     /16); ibot_fast's ``--global_crops_size`` sets it, so equal weights fit both."""
     from ibot_fast.models.vit import ARCHS
 
+    if arch.startswith("swin"):
+        return reference_swin(ref, arch, img_size, **kwargs)
     name = arch.replace("deit", "vit", 1) if arch.startswith("deit") else arch
     kwargs = dict(patch_size=patch_size, img_size=[img_size], **kwargs)
     if name in getattr(ref.models, "__dict__", {}) and name.startswith("vit"):
@@ -276,6 +287,23 @@ def reference_backbone(ref, arch: str, patch_size: int, img_size: int, **kwargs)
     return ref.VisionTransformer(
         embed_dim=ours.embed_dim, depth=len(ours.blocks), num_heads=blk.attn.num_heads,
         mlp_ratio=blk.mlp.fc1.out_features / ours.embed_dim, qkv_bias=True, **kwargs)
+
+
+def reference_swin(ref, arch: str, img_size: int, window_size: int = 7, **kwargs):
+    """The reference's Swin for ``arch``: its factory (swin_tiny ... swin_large) where it has
+    one, else (``swin_nano``, ours only) its ``SwinTransformer`` class with our widths.
+    ``img_size`` sizes the stage windows (the reference builds for 224)."""
+    from ibot_fast.models.swin import SWIN_CONFIGS
+
+    kwargs = dict(window_size=window_size, img_size=img_size, **kwargs)
+    if arch in getattr(ref.models, "__dict__", {}):
+        return ref.models.__dict__[arch](**kwargs)
+    if arch not in SWIN_CONFIGS:
+        raise ValueError(f"arch {arch!r}: neither the reference nor ibot_fast has it")
+    cfg = SWIN_CONFIGS[arch]
+    return ref.models.SwinTransformer(embed_dim=cfg["embed_dim"], depths=list(cfg["depths"]),
+                                      num_heads=list(cfg["num_heads"]), mlp_ratio=4,
+                                      qkv_bias=True, **kwargs)
 
 
 class ReferenceTrainStep:
@@ -301,12 +329,16 @@ class ReferenceTrainStep:
         u = ref.utils
 
         # ---- networks (train_ibot: "building student and teacher networks") ----
+        # Swin: window_size as main_ibot passes it; drop_path_rate from args (main_ibot leaves
+        # the factory's default, 0.1 for swin_tiny, 0.2 for the others)
+        swin = dict(window_size=args.window_size) if args.arch.startswith("swin") else {}
         student = reference_backbone(ref, args.arch, args.patch_size, args.global_crops_size,
                                      drop_path_rate=args.drop_path, return_all_tokens=True,
-                                     masked_im_modeling=args.use_masked_im_modeling)
+                                     masked_im_modeling=args.use_masked_im_modeling, **swin)
         teacher = reference_backbone(ref, args.arch, args.patch_size, args.global_crops_size,
-                                     return_all_tokens=True)
-        embed_dim = student.embed_dim
+                                     return_all_tokens=True,
+                                     **(dict(swin, drop_path_rate=0.0) if swin else {}))
+        embed_dim = student.num_features if swin else student.embed_dim
         head_kw = dict(hidden_dim=args.head_hidden_dim, bottleneck_dim=args.head_bottleneck_dim,
                        # ibot_fast's head: the reference's defaults (no norm, GELU)
                        norm=None, act="gelu")

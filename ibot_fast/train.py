@@ -40,7 +40,7 @@ from ibot_fast.config import parse_args
 from ibot_fast.dist import DistInfo, cleanup, init_distributed, is_distributed
 from ibot_fast.loss import IBOTLoss
 from ibot_fast.masking import MaskGenerator
-from ibot_fast.models import build_ibot_models
+from ibot_fast.models import build_ibot_models, is_swin
 from ibot_fast.optim import set_schedules
 from ibot_fast.reliability import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE,
                                    MAX_SKIPPED_SHARE, NonFiniteMonitor, OutputDirLock,
@@ -81,7 +81,10 @@ def resolve_data(args, info: DistInfo):
     mask_generator = MaskGenerator(
         args.pred_ratio, args.pred_ratio_var, pred_shape=args.pred_shape,
         pred_start_epoch=args.pred_start_epoch)
-    common = dict(transform=transform, patch_size=args.patch_size,
+    # masks live on the patch grid (ViT) or on Swin's 32-px grid of final-stage tokens (the
+    # reference hands its mask generator patch_size * 8 for Swin)
+    mask_cell = args.patch_size * 8 if is_swin(args.arch) else args.patch_size
+    common = dict(transform=transform, patch_size=mask_cell,
                   mask_generator=mask_generator, num_masked_crops=args.global_crops_number,
                   # crops and masks are a function of (seed, epoch, image index): the same
                   # whatever the number of workers or ranks, and replayed exactly on resume
@@ -154,7 +157,8 @@ class Trainer:
             patch_out_dim=args.patch_out_dim, shared_head=args.shared_head,
             shared_head_teacher=args.shared_head_teacher, norm_last_layer=args.norm_last_layer,
             drop_path=args.drop_path, use_masked_im_modeling=args.use_masked_im_modeling,
-            head_hidden_dim=args.head_hidden_dim, head_bottleneck_dim=args.head_bottleneck_dim)
+            head_hidden_dim=args.head_hidden_dim, head_bottleneck_dim=args.head_bottleneck_dim,
+            window_size=args.window_size)
         # fp64 is for verification (e.g. DDP vs one process): Adam turns last-bit gradient noise
         # into visible updates, so fp32 runs of different reduction orders drift apart slowly.
         self.param_dtype = torch.float64 if args.precision == "fp64" else torch.float32

@@ -60,6 +60,8 @@ def _usage_error(argv, capsys, train_module=None) -> str:
 
 # ----------------------------------------------------------------------- cross-flag rules
 # One command line per rule that breaks exactly that rule's condition.
+SWIN_SMALL = ["--arch", "swin_nano", "--patch_size", "4", "--global_crops_size", "32",
+              "--local_crops_size", "16"]
 RULE_EXAMPLES = {
     "step-vs-fast_step": ("cpu", ["--step", "fast", "--fast_step", "false"]),
     "use_fp16-vs-precision": ("cpu", ["--use_fp16", "true", "--precision", "bf16"]),
@@ -91,6 +93,11 @@ RULE_EXAMPLES = {
     "mask_backend-cuda-device": ("cpu", ["--mask_backend", "cuda"]),
     "data_backend-dali-synthetic": ("cpu", ["--data_backend", "dali"]),
     "fsdp-torchrun": ("cpu", ["--fsdp", "true"]),
+    "swin-attn_backend": ("gpu", SWIN_SMALL + ["--attn_backend", "flex"]),
+    "swin-packed_crops": ("cpu", SWIN_SMALL + ["--packed_crops", "true"]),
+    "swin-compile": ("cpu", SWIN_SMALL + ["--compile", "blocks"]),
+    "swin-drop_path_mode": ("cpu", SWIN_SMALL + ["--drop_path_mode", "subset"]),
+    "swin-fsdp": ("gpu", SWIN_SMALL + ["--fsdp", "true"]),
 }
 
 

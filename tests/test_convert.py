@@ -216,8 +216,9 @@ def test_weights_only_handling(tmp_path):
 
 
 def test_bad_checkpoints_say_what_is_wrong(tmp_path):
-    with pytest.raises(ValueError, match="swin"):
-        convert.reference_args_to_dict(reference_args(arch="swin_tiny"))
+    # Swin checkpoints are read (tests/test_swin.py)
+    assert convert.reference_args_to_dict(reference_args(arch="swin_tiny"))["arch"] == \
+        "swin_tiny"
     with pytest.raises(ValueError, match="not a full iBOT checkpoint"):
         convert.reference_to_ibot_fast({"teacher": {}, "args": reference_args()})
     with pytest.raises(ValueError, match="no 'student' entry"):

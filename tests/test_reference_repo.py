@@ -42,16 +42,15 @@ if not REPO:
 
 from ibot_fast import convert  # noqa: E402
 from ibot_fast import reference_repo  # noqa: E402
-from ibot_fast.config import parse_args  # noqa: E402
 from ibot_fast.loss import IBOTLoss, IBOTLossReference  # noqa: E402
 from ibot_fast.models import build_ibot_models  # noqa: E402
-from ibot_fast.reference_repo import ReferenceTrainStep, load_reference  # noqa: E402
-from ibot_fast.train import Trainer  # noqa: E402
+from ibot_fast.reference_repo import load_reference  # noqa: E402
+
+from helpers import FP64, compare_train_steps_with_reference  # noqa: E402
 
 pytestmark = [pytest.mark.reference,
               pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")]
 
-FP64 = dict(rtol=1e-9, atol=1e-12)
 FP32 = dict(rtol=1e-5, atol=1e-6)
 OWN_ROOTS = ("utils", "models", "loader", "main_ibot", "evaluation")
 
@@ -287,77 +286,7 @@ STEP_CASES = {
 }
 
 
-def _steps(trainer_or_ref, batches, schedule):
-    out = []
-    for k, (epoch, it) in enumerate(schedule):
-        images, _, masks = batches[k]
-        images = [im.double() for im in images]
-        # drop path: the reference draws one torch.rand per residual branch in block order,
-        # teacher (none), student globals, student locals; the reference path and the fast
-        # step draw the same numbers in the same order (tests/test_fast_step.py), so seeding
-        # each step makes the coins equal on all three sides
-        torch.manual_seed(100 + k)
-        if isinstance(trainer_or_ref, ReferenceTrainStep):
-            res = trainer_or_ref(images, list(masks), epoch, it)
-            student = trainer_or_ref.student
-        else:
-            res = trainer_or_ref.train_step(images, masks, epoch, it)
-            student = trainer_or_ref.student_without_ddp
-        grads = {n: None if p.grad is None else p.grad.clone()
-                 for n, p in student.named_parameters()}
-        out.append(({k: v.detach().clone() for k, v in res.items() if k != "skipped"}, grads))
-    return out
-
-
 @pytest.mark.parametrize("case", list(STEP_CASES))
 def test_train_steps_match_reference(ref, tmp_path, case):
-    argv = TINY + STEP_CASES[case] + ["--output_dir", str(tmp_path)]
-    ours = Trainer(parse_args(argv + ["--step", "reference"]))
-    fast = Trainer(parse_args(argv))  # the default step
-    assert ours.path.name == "reference" and fast.path.name == "fast"
-    theirs = ReferenceTrainStep(ref, ours.args, ours.iters_per_epoch)
-    theirs.load_weights(ours.student_without_ddp.state_dict(), ours.teacher.state_dict())
-    for name, p in fast.student_without_ddp.state_dict().items():  # same seed, same init
-        assert torch.equal(p, ours.student_without_ddp.state_dict()[name]), name
-    # the reference computed its own schedules: they must be ours
-    for s in ("lr_schedule", "wd_schedule", "momentum_schedule"):
-        torch.testing.assert_close(torch.as_tensor(getattr(ours, s)),
-                                   torch.as_tensor(getattr(theirs, s)), rtol=1e-12, atol=1e-15)
-
-    init = {k: v.clone() for k, v in theirs.student.state_dict().items()}
-    loader = iter(ours.loader)
-    batches = [next(loader) for _ in range(2)]
-    n = ours.iters_per_epoch
-    schedule = [(0, 1), (1, n)]  # frozen last layer (and lr 0 warm-up start), then lr > 0
-    r = _steps(theirs, batches, schedule)
-    assert theirs.metrics["lr"] > 0 and theirs.metrics["loss"] == pytest.approx(
-        float(r[-1][0]["loss"]))
-    for label, trainer in (("reference path", ours), ("fast step", fast)):
-        o = _steps(trainer, batches, schedule)
-        for k, ((rr, rg), (oo, og)) in enumerate(zip(r, o)):
-            for key in ("loss", "cls", "patch", "acc"):
-                torch.testing.assert_close(oo[key].double(), rr[key].double(), **FP64,
-                                           msg=f"{label}: {key}, step {k}")
-            assert rg.keys() == og.keys()
-            for name in rg:
-                assert (rg[name] is None) == (og[name] is None), f"{label}: grad {name}"
-                if rg[name] is not None:
-                    torch.testing.assert_close(og[name], rg[name], **FP64,
-                                               msg=f"{label}: grad {name}, step {k}")
-        for net in ("student", "teacher"):
-            r_net = theirs.student if net == "student" else theirs.teacher
-            o_net = trainer.student_without_ddp if net == "student" else trainer.teacher
-            r_params = dict(r_net.named_parameters())
-            o_params = dict(o_net.named_parameters())
-            assert r_params.keys() == o_params.keys()
-            for name, p in r_params.items():
-                torch.testing.assert_close(o_params[name], p, **FP64,
-                                           msg=f"{label}: {net} {name}")
-        for key in ("center", "center2"):
-            torch.testing.assert_close(getattr(trainer.ibot_loss, key).double(),
-                                       getattr(theirs.ibot_loss, key).double(), **FP64,
-                                       msg=f"{label}: {key}")
-    # the steps moved the student (lr > 0 in step 2): the comparison above was not vacuous
-    moved = max((v - init[k]).abs().max().item() for k, v in theirs.student.state_dict().items())
-    assert moved > 1e-4
+    compare_train_steps_with_reference(ref, TINY + STEP_CASES[case], tmp_path)
     assert _no_process_group()

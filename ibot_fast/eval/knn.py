@@ -123,10 +123,13 @@ def format_results(results: dict) -> str:
 
 
 def random_init_backbone(args, device) -> nn.Module:
-    from ibot_fast.models import build_vit
+    """A seeded, untrained backbone of the run's architecture (ViT or Swin: for Swin the k-NN
+    feature is the average-pooled final-stage token, its [CLS] slot)."""
+    from ibot_fast.models import build_backbone
 
     torch.manual_seed(args.seed)
-    return build_vit(args.arch, args.patch_size, img_size=args.global_crops_size).to(device)
+    return build_backbone(args.arch, args.patch_size, args.global_crops_size,
+                          window_size=args.window_size).to(device)
 
 
 def evaluate_run(trainer) -> dict | None:
@@ -181,7 +184,7 @@ def main(argv=None):
     if a.random_init:
         backbones["random init"] = random_init_backbone(argparse.Namespace(
             arch=info["arch"], patch_size=info["patch_size"], global_crops_size=info["img_size"],
-            seed=run_args.get("seed", 0)), device)
+            window_size=info.get("window_size", 7), seed=run_args.get("seed", 0)), device)
     results = evaluate_backbones(backbones, a.train_path, a.val_path, crop, device, ks=a.k,
                                  num_workers=a.num_workers)
     print(format_results(results))

@@ -205,7 +205,9 @@ def main(argv=None):
     p.add_argument("--train_path", required=True, help="labelled ImageFolder (probe training)")
     p.add_argument("--val_path", required=True, help="labelled ImageFolder (evaluation)")
     p.add_argument("--which", choices=["teacher", "student"], default="teacher")
-    p.add_argument("--n_last_blocks", type=int, default=4)
+    p.add_argument("--n_last_blocks", type=int, default=None,
+                   help="blocks whose [CLS] features are concatenated (default: 4 for ViT, as "
+                        "the reference's ViT-S; 1 for Swin: the pooled final-stage feature)")
     p.add_argument("--avgpool_patchtokens", type=int, choices=[0, 1, 2], default=0)
     p.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS))
     p.add_argument("--epochs", type=int, default=100)
@@ -224,6 +226,9 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone, info = load_backbone(a.checkpoint, a.which, trust_pickle=a.trust_pickle)
     backbone.to(device)
+    if a.n_last_blocks is None:
+        from ibot_fast.models import is_swin
+        a.n_last_blocks = 1 if is_swin(backbone) else 4
     crop = a.crop_size or info["args"].get("global_crops_size") or info["img_size"]
     train_loader, val_loader = _loaders(a.train_path, a.val_path, crop,
                                         num_workers=a.num_workers)

@@ -3,7 +3,17 @@ import torch
 import torch.nn as nn
 
 from ibot_fast.models.head import IBOTHead
+from ibot_fast.models.swin import build_swin, is_swin
 from ibot_fast.models.vit import build_vit
+
+
+def build_backbone(arch, patch_size, img_size, window_size=7, **kwargs):
+    """A ViT (``vit_*`` / ``deit_*``) or a Swin (``swin_*``, windows of ``window_size``; the
+    stage windows are sized for ``img_size``) by name."""
+    if is_swin(arch):
+        return build_swin(arch, patch_size, window_size=window_size, img_size=img_size,
+                          **kwargs)
+    return build_vit(arch, patch_size, img_size=img_size, **kwargs)
 
 
 def _cat(tensors):
@@ -81,10 +91,10 @@ class MultiCropWrapper(nn.Module):
 def build_ibot_models(arch, patch_size, img_size, out_dim, patch_out_dim, shared_head,
                       shared_head_teacher=True, norm_last_layer=True, drop_path=0.1,
                       use_masked_im_modeling=True, head_hidden_dim=2048,
-                      head_bottleneck_dim=256):
+                      head_bottleneck_dim=256, window_size=7):
     """Build the (student, teacher) MultiCropWrapper pair as the reference's train_ibot does.
 
-    * student: ViT with stochastic depth `drop_path` and a mask token (if
+    * student: ViT (or Swin: ``swin_*`` arch, ``window_size``) with stochastic depth `drop_path` and a mask token (if
       use_masked_im_modeling); head with `norm_last_layer` and `shared_head`.
     * teacher: ViT without drop path or mask token; head with the default norm_last_layer=True
       and `shared_head_teacher`; starts as a copy of the student (load_state_dict,
@@ -102,10 +112,12 @@ def build_ibot_models(arch, patch_size, img_size, out_dim, patch_out_dim, shared
             f"(shared_head_teacher={shared_head_teacher}) heads is shared: the shared one's "
             "patch layer is its out_dim-way [CLS] layer, and the teacher is copied from the "
             "student")
-    student_backbone = build_vit(arch, patch_size, img_size=img_size, drop_path_rate=drop_path,
-                                 masked_im_modeling=use_masked_im_modeling)
-    teacher_backbone = build_vit(arch, patch_size, img_size=img_size, drop_path_rate=0.0)
-    embed_dim = student_backbone.embed_dim
+    student_backbone = build_backbone(arch, patch_size, img_size, window_size,
+                                      drop_path_rate=drop_path,
+                                      masked_im_modeling=use_masked_im_modeling)
+    teacher_backbone = build_backbone(arch, patch_size, img_size, window_size,
+                                      drop_path_rate=0.0)
+    embed_dim = student_backbone.num_features  # Swin: the final stage's width
     # head widths are fixed in the reference (2048 hidden, 256 bottleneck); flags here so the
     # CPU demo can use a narrower head
     dims = dict(hidden_dim=head_hidden_dim, bottleneck_dim=head_bottleneck_dim)

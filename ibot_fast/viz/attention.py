@@ -49,9 +49,17 @@ def prepare_image(img: Image.Image, image_size: int, patch_size: int) -> Image.I
     return img.crop((left, top, left + cw, top + ch))
 
 
+SWIN_REFUSAL = ("attention maps are drawn for ViT backbones only: a Swin backbone has no "
+                "[CLS] token that attends (its [CLS] slot is the average of the final-stage "
+                "tokens) and attends within windows")
+
+
 @torch.no_grad()
 def cls_attention_maps(backbone, x: torch.Tensor) -> np.ndarray:
     """[1, 3, H, W] -> [heads, H/p, W/p]: last-layer attention of [CLS] on every patch."""
+    from ibot_fast.models import is_swin
+    if is_swin(backbone):
+        raise ValueError(SWIN_REFUSAL)
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"expected one image [1, 3, H, W], got {tuple(x.shape)}")
     backbone.eval()
@@ -138,6 +146,8 @@ def main(argv=None):
     if not os.path.isfile(image):
         raise SystemExit(f"image {image!r} does not exist")
     backbone, info = load_backbone(a.checkpoint, a.which, trust_pickle=a.trust_pickle)
+    if info["arch"].startswith("swin"):
+        raise SystemExit(f"{a.checkpoint}: {info['arch']}: {SWIN_REFUSAL}")
     pic, maps, crop = attention_figure(backbone, image, a.image_size, a.threshold)
     os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
     pic.save(a.output)
