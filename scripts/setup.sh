@@ -18,6 +18,8 @@ fi
 # The C++ mask extension must import too, so a fresh clone (no .so yet) builds it; where it
 # cannot be built (no compiler) the install still succeeds and masks fall back to Python, and
 # IBOT_FAST_NO_EXT=1 skips both the build and this check.
+# (the checkout's path is taken before the `cd /`: inside it, $PWD would be /)
+REPO_DIR=$PWD
 if ! (cd / && IBOT_FAST_NO_EXT=${IBOT_FAST_NO_EXT:-0} "$PY" -c "
 import os, sys
 import ibot_fast.kernels, mlxtend, pytest, pytest_benchmark, xdist, tqdm, matplotlib, PIL, triton, nvidia.dali
@@ -30,7 +32,7 @@ if os.environ['IBOT_FAST_NO_EXT'] != '1':
     if max(map(os.path.getmtime, sources)) > os.path.getmtime(ext.__file__):
         sys.exit(1)
 sys.exit(0 if os.path.realpath(ibot_fast.__file__).startswith(here + os.sep) else 1)
-" "$PWD") >/dev/null 2>&1; then
+" "$REPO_DIR") >/dev/null 2>&1; then
     "$PY" -m pip install -q setuptools wheel
     # --no-build-isolation: build against the torch installed above, never a downloaded one.
     "$PY" -m pip install -q --no-build-isolation -e ".[dev]"
