@@ -158,7 +158,7 @@ def test_demo_criteria_reject_the_collapsed_curve():
 
 @pytest.mark.slow
 def test_full_demo_learns_and_beats_random_init(full_demo):
-    """The README's acceptance claims, run in full (`make demo`'s job, ~4 min on 2 idle
+    """The README's acceptance claims, run in full (`make demo`'s job, ~3.5 min on 2 idle
     cores): the loss goes down and stays down, the [CLS] term is off ln K in the last epoch,
     the teacher's k-NN improves over the epochs (evaluated after every one), and at the end
     the teacher's k-NN top-1 is above the random-init network's at every k."""
