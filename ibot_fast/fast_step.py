@@ -242,12 +242,9 @@ class FastPath(StepPath):
         self.device = device
         self.head_tokens = args.head_tokens
         self.swin = is_swin(student.backbone)
-        # unset (None, e.g. args not through the parser): packed where possible (ViT)
-        self.packed = (not self.swin) if args.packed_crops is None else args.packed_crops
-        if self.swin and (self.packed or args.compile or args.drop_path_mode != "sample"
-                          or args.fsdp):
-            raise ValueError("a Swin backbone runs unpacked in the fast step: --packed_crops "
-                             "false, --compile false, --drop_path_mode sample, --fsdp false")
+        # config resolves --packed_crops (unset: true for ViT) and refuses the ViT-only
+        # options with a Swin arch (the swin-* rules) before anything is built
+        self.packed = args.packed_crops
         self.drop_path_mode = args.drop_path_mode
         self.compile = args.compile
         self.fused_head = args.fused_head_loss

@@ -41,6 +41,7 @@ from ibot_fast.dist import DistInfo, cleanup, init_distributed, is_distributed
 from ibot_fast.loss import IBOTLoss
 from ibot_fast.masking import MaskGenerator
 from ibot_fast.models import build_ibot_models, is_swin
+from ibot_fast.models.swin import SWIN_MASK_CELL
 from ibot_fast.optim import set_schedules
 from ibot_fast.reliability import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE,
                                    MAX_SKIPPED_SHARE, NonFiniteMonitor, OutputDirLock,
@@ -83,7 +84,7 @@ def resolve_data(args, info: DistInfo):
         pred_start_epoch=args.pred_start_epoch)
     # masks live on the patch grid (ViT) or on Swin's 32-px grid of final-stage tokens (the
     # reference hands its mask generator patch_size * 8 for Swin)
-    mask_cell = args.patch_size * 8 if is_swin(args.arch) else args.patch_size
+    mask_cell = SWIN_MASK_CELL if is_swin(args.arch) else args.patch_size
     common = dict(transform=transform, patch_size=mask_cell,
                   mask_generator=mask_generator, num_masked_crops=args.global_crops_number,
                   # crops and masks are a function of (seed, epoch, image index): the same

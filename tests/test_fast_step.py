@@ -279,17 +279,23 @@ COMPILE_BACKENDS = [
 ]
 
 
+def _two_processes_equal_reference(tmp_path, reference_one, *flags):
+    """The fast step with ``flags`` on 2 gloo processes x 2 images for two epochs: checkpoint
+    (weights, teacher, centres, AdamW state) equal to the one-process reference run's."""
+    two = tmp_path / "two"
+    _torchrun(2, two, 2, tmp_path, "--fast_step", "true", *flags)
+    _assert_same_checkpoint(_checkpoint(two / "checkpoint.pth"),
+                            _checkpoint(reference_one / "checkpoint.pth"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 def test_fsdp_with_compiled_blocks_two_process_gloo_equals_reference(tmp_path, reference_one,
                                                                      backend):
     """--fsdp true with --compile blocks (the compiled blocks are what fully_shard wraps) on 2
     gloo processes, two epochs, against the reference step in one process."""
-    two = tmp_path / "two"
-    _torchrun(2, two, 2, tmp_path, "--fast_step", "true", "--fsdp", "true",
-              "--compile", "blocks", "--compile_backend", backend)
-    _assert_same_checkpoint(_checkpoint(two / "checkpoint.pth"),
-                            _checkpoint(reference_one / "checkpoint.pth"))
+    _two_processes_equal_reference(tmp_path, reference_one, "--fsdp", "true",
+                                   "--compile", "blocks", "--compile_backend", backend)
 
 
 @pytest.mark.slow
@@ -298,11 +304,8 @@ def test_ddp_with_compiled_step_two_process_gloo_equals_reference(tmp_path, refe
                                                                   backend):
     """--compile step (forward + loss as one graph, the student DDP-wrapped inside it) on 2
     gloo processes, two epochs, against the reference step in one process."""
-    two = tmp_path / "two"
-    _torchrun(2, two, 2, tmp_path, "--fast_step", "true", "--compile", "step",
-              "--compile_backend", backend)
-    _assert_same_checkpoint(_checkpoint(two / "checkpoint.pth"),
-                            _checkpoint(reference_one / "checkpoint.pth"))
+    _two_processes_equal_reference(tmp_path, reference_one, "--compile", "step",
+                                   "--compile_backend", backend)
 
 
 def test_fsdp_needs_a_process_group(tmp_path, monkeypatch, capsys):

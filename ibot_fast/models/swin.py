@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ibot_fast.models.vit import DropPath, init_linear, trunc_normal_
+from ibot_fast.models.vit import DropPath, Mlp, init_weights, trunc_normal_
 
 SWIN_ATTN_BACKENDS = ("sdpa", "math")
 SWIN_PATCH_SIZE = 4
@@ -102,17 +102,6 @@ def _check_backend(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ modules
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden_dim):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside ws×ws windows with a learned relative position bias
     (one value per head and offset: table [(2ws-1)², nh])."""
@@ -340,20 +329,12 @@ class SwinTransformer(nn.Module):
                 mlp_ratio, qkv_bias, downsample=s < n - 1, shifts=shifts,
                 attn_backend=attn_backend))
         self.norm = nn.LayerNorm(self.num_features, eps=1e-6)
-        self.apply(self._init_weights)
+        self.apply(init_weights)
 
         # after the init, so it stays exactly zero (as in the reference)
         self.masked_im_modeling = masked_im_modeling
         if masked_im_modeling:
             self.masked_embed = nn.Parameter(torch.zeros(1, embed_dim))
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            init_linear(m)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def set_attn_backend(self, name):
         self.attn_backend = _check_backend(name)

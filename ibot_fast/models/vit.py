@@ -60,6 +60,16 @@ def init_linear(m: nn.Linear):
         nn.init.zeros_(m.bias)
 
 
+def init_weights(m: nn.Module):
+    """The timm/DINO init rule of the backbones, for ``module.apply``: Linear trunc-normal(0.02)
+    + zero bias; LayerNorm (1, 0); patch convolutions keep PyTorch's default init."""
+    if isinstance(m, nn.Linear):
+        init_linear(m)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 def _check_attn_backend(name):
     if name not in ATTN_BACKENDS:
         raise ValueError(f"unknown attn_backend {name!r}; valid: {', '.join(ATTN_BACKENDS)}")
@@ -213,22 +223,12 @@ class VisionTransformer(nn.Module):
 
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
+        self.apply(init_weights)
 
         # Created after the init above so it stays exactly zero, as in the reference.
         self.masked_im_modeling = masked_im_modeling
         if masked_im_modeling:
             self.masked_embed = nn.Parameter(torch.zeros(1, embed_dim))
-
-    @staticmethod
-    def _init_weights(m):
-        # timm/DINO rule: Linear trunc-normal(0.02) + zero bias; LayerNorm (1, 0); the patch
-        # conv keeps PyTorch's default init.
-        if isinstance(m, nn.Linear):
-            init_linear(m)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def set_attn_backend(self, name):
         """Switch every block's attention back end (one of ATTN_BACKENDS)."""
