@@ -155,17 +155,31 @@ def test_subset_mode_trains(tmp_path):
 
 
 # ------------------------------------------------------------------------- torch.compile
+# The compile tests run on aot_eager (dynamo's capture, its guards -- what decides a recompile
+# -- and AOT autograd, without inductor's code generation: a cold inductor compile costs one
+# to two minutes each on 2 CPU cores, over the suite's budget). IBOT_TEST_INDUCTOR=1 runs them
+# on inductor too.
+COMPILE_BACKENDS = [
+    "aot_eager",
+    pytest.param("inductor", marks=pytest.mark.skipif(
+        os.environ.get("IBOT_TEST_INDUCTOR") != "1",
+        reason="a cold inductor compile takes one to two minutes on 2 CPU cores; "
+               "IBOT_TEST_INDUCTOR=1 runs it")),
+]
+
+
 @pytest.mark.slow
-def test_compiled_blocks_do_not_recompile(tmp_path):
-    """--compile true (inductor, tiny model): the first step compiles; four more steps with
-    different masks (counts differ, shapes do not) compile nothing new, and the compiled step's
-    loss equals the eager fast step's."""
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_compiled_blocks_do_not_recompile(tmp_path, backend):
+    """--compile true (tiny model): the first step compiles; four more steps with different
+    masks (counts differ, shapes do not) compile nothing new, and the compiled step's loss
+    equals the eager fast step's."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     eager = Trainer(fast_args(tmp_path / "e", "--precision", "fp32", "--fast_step", "true"))
     comp = Trainer(fast_args(tmp_path / "c", "--precision", "fp32", "--fast_step", "true",
-                         "--compile", "true"))
+                             "--compile", "true", "--compile_backend", backend))
     loader = iter(eager.loader)
     batches = [next(loader) for _ in range(4)] + [next(iter(eager.loader))]
     assert len({int(b[2].n_valid) for b in batches}) > 1  # the masks really differ
@@ -266,17 +280,7 @@ def test_fsdp_two_process_gloo_equals_reference_and_checkpoints_interchange(tmp_
     _assert_same_checkpoint(sa, sb)
 
 
-# The two-process compile tests run on aot_eager (dynamo's capture of the DDP / FSDP-wrapped
-# code and AOT autograd, without inductor's code generation: a cold inductor compile of these
-# costs about a minute each on 2 CPU cores). Inductor's code is checked in one process by
-# test_compiled_blocks_do_not_recompile; IBOT_TEST_INDUCTOR=1 runs these on inductor too.
-COMPILE_BACKENDS = [
-    "aot_eager",
-    pytest.param("inductor", marks=pytest.mark.skipif(
-        os.environ.get("IBOT_TEST_INDUCTOR") != "1",
-        reason="a cold inductor compile takes about a minute on 2 CPU cores; "
-               "IBOT_TEST_INDUCTOR=1 runs it")),
-]
+# The two-process compile tests below use COMPILE_BACKENDS too (the DDP / FSDP-wrapped code).
 
 
 def _two_processes_equal_reference(tmp_path, reference_one, *flags):

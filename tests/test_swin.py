@@ -288,14 +288,16 @@ def test_convert_swin_checkpoint_and_timm_names(tmp_path):
 @needs_ref
 @pytest.mark.reference
 @pytest.mark.parametrize("window", [7, 14])
-def test_matches_reference_swin_fp64(window, tmp_path):
-    """The reference's SwinTransformer (swin_tiny's stage layout, narrower: widths 16..128)
-    and ours on the same weights (loaded through convert from a reference-layout file):
-    masked 224-px globals, unmasked globals and 96-px locals, fp64."""
+@pytest.mark.parametrize("arch", ["swin_nano", "swin_tiny"])
+def test_matches_reference_swin_fp64(arch, window, tmp_path):
+    """The reference's Swin and ours on the same weights (loaded through convert from a
+    reference-layout file): masked 224-px globals, unmasked globals and 96-px locals, fp64.
+    ``swin_tiny`` is the reference's own factory (widths 96..768, depths 2, 2, 6, 2);
+    ``swin_nano`` its SwinTransformer class at swin_tiny's stage layout, widths 16..128."""
     from ibot_fast.reference_repo import load_reference, reference_swin
     ref = load_reference(REPO)
     torch.manual_seed(0)
-    r = reference_swin(ref, "swin_nano", 224, window_size=window, return_all_tokens=True,
+    r = reference_swin(ref, arch, 224, window_size=window, return_all_tokens=True,
                        masked_im_modeling=True, drop_path_rate=0.0).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -306,10 +308,10 @@ def test_matches_reference_swin_fp64(window, tmp_path):
     r.double()
     path = tmp_path / "checkpoint_teacher.pth"
     torch.save({"teacher": {"backbone." + k: v for k, v in sd.items()},
-                "args": dict(arch="swin_nano", window_size=window, patch_size=4)}, path)
+                "args": dict(arch=arch, window_size=window, patch_size=4)}, path)
     ours, _ = convert.load_backbone(str(path), which="teacher")
     ours = ours.double().eval()
-    o = build_swin("swin_nano", window_size=window, img_size=224,
+    o = build_swin(arch, window_size=window, img_size=224,
                    masked_im_modeling=True).double()
     o.load_state_dict(sd)  # with masked_embed
     x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
@@ -325,12 +327,13 @@ def test_matches_reference_swin_fp64(window, tmp_path):
 @needs_ref
 @pytest.mark.reference
 @pytest.mark.parametrize("window", [7, 14])
-def test_train_steps_match_reference_swin(window, tmp_path):
+@pytest.mark.parametrize("arch", ["swin_nano", "swin_tiny"])
+def test_train_steps_match_reference_swin(arch, window, tmp_path):
     from ibot_fast.reference_repo import load_reference
     # 64-px globals: a 2x2 mask grid, whose per-image patch weights 1/(count·B·C) are exact in
     # the loader's float32 MaskBatch.weight_M (a 3x3 grid's 1/3 is not: ~1e-8 relative in an
     # fp64 run, the same for ViT); window 14 on a 16x16 first stage still pads and shifts
-    argv = SWIN + ["--window_size", str(window),
+    argv = SWIN + ["--arch", arch, "--window_size", str(window),
                    "--batch_size_per_gpu", "2", "--lr", "0.05", "--freeze_last_layer", "1",
                    "--clip_grad", "0.05", "--drop_path", "0.1", "--precision", "fp64"]
     compare_train_steps_with_reference(load_reference(REPO), argv, tmp_path)
