@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 
 import pytest
@@ -85,7 +86,8 @@ def _argv(case, fast: bool, precision: str, device: str, compile_=False, fused: 
             "0.2", "--precision", precision, "--device", device, "--num_workers", "0",
             # --threads auto: with no loader worker every usable core computes, as many threads
             # as bench_threads() gives the reference variants
-            "--data_path", f"synthetic:{case['B']}", "--output_dir", "/tmp/ibot_bench_step",
+            "--data_path", f"synthetic:{case['B']}", "--output_dir",
+            os.path.join(tempfile.gettempdir(), "ibot_bench_step"),
             "--epochs", "100", "--warmup_teacher_temp_epochs", "30", "--progress", "false",
             "--step", "fast" if fast else "reference", "--compile", str(compile_).lower(),
             "--fused_head_loss", str(fused).lower(), "--mask_backend", "python"]
