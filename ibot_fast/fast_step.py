@@ -209,18 +209,24 @@ class FastStudent(nn.Module):
             start += b * t
         return (outs[0] if len(outs) == 1 else torch.cat(outs)), layout
 
-    def forward(self, crops, masks, sel_rows=None, n_cls: int = 0, draws=None):
+    def forward(self, crops, masks, sel_rows=None, n_cls: int = 0, draws=None,
+                koleo_rows: int = 0):
         x, layout = self.tokens(crops, masks, draws)
         bb, head = self.student.backbone, self.student.head
         norm = _final_norm(bb)
         if sel_rows is not None:
             z = head.bottleneck(norm(x.index_select(0, sel_rows)))
-            return (_head_fused if self.fused_head else _head_logits)(head, z, n_cls)
+            out = (_head_fused if self.fused_head else _head_logits)(head, z, n_cls)
+            # the first sel rows are the [CLS] tokens, globals first
+            return (*out, z[:koleo_rows]) if koleo_rows else out
         outs, start = [], 0
         for b, t in layout:
             y = norm(x[start:start + b * t]).view(b, t, -1)
             outs.append(head(y))
             start += b * t
+        if koleo_rows:  # the globals' [CLS] bottleneck (MultiCropWrapper's return_cls_bottleneck)
+            y = norm(x[:layout[0][0] * layout[0][1]]).view(*layout[0], -1)
+            outs.append(head.bottleneck(y[:koleo_rows, 0]))
         return outs
 
 
@@ -238,7 +244,8 @@ class FastPath(StepPath):
 
     def __init__(self, args, student, teacher, ibot_loss, device: torch.device,
                  world_size: int = 1):
-        super().__init__(student, teacher, ibot_loss, args.global_crops_number)
+        super().__init__(student, teacher, ibot_loss, args.global_crops_number,
+                         args.koleo_weight)
         self.device = device
         self.head_tokens = args.head_tokens
         self.swin = is_swin(student.backbone)
@@ -405,10 +412,14 @@ class FastPath(StepPath):
             len(crops) - 1)
         if self.head_tokens == "all":  # the reference's head on every token, dense loss
             t_out = self.teacher_forward(globals_, None)
-            outs = self.module(crops, group_masks)
+            n_koleo = globals_.shape[0] if self.koleo_weight > 0 else 0
+            outs = self.module(crops, group_masks, koleo_rows=n_koleo)
+            z_cls = outs.pop() if n_koleo else None
             s_out = outs[0]
             s_local = outs[1][0] if len(outs) > 1 else None
             terms = self.ibot_loss(s_out, t_out, s_local, masks, epoch)
+            if n_koleo:
+                terms = self.add_koleo(terms, z_cls)
             return terms, t_out[0], s_out[0]
         N = mb.masks_CBHW.shape[-2] * mb.masks_CBHW.shape[-1]
         idx_M, weight_M = mb.idx_M, mb.weight_M
@@ -439,7 +450,9 @@ class FastPath(StepPath):
         B = globals_.shape[0] // ng
         t_cls, t_rows, t_mean = self.teacher_forward(globals_, idx_M)
         n_cls = sum(c.shape[0] for c in crops)
-        s_cls_all, *s_rows = self.module(crops, group_masks, sel, n_cls, draws)
+        n_koleo = ng * B if self.koleo_weight > 0 else 0
+        s_cls_all, *s_rows = self.module(crops, group_masks, sel, n_cls, draws, n_koleo)
+        z_cls = s_rows.pop() if n_koleo else None
         s_cls, s_local = s_cls_all[:ng * B], s_cls_all[ng * B:]
         s_local = s_local if self.nl > 0 else None
         if self.fused_head:  # patch logits never materialised: (z, W) on both sides
@@ -450,6 +463,8 @@ class FastPath(StepPath):
             terms = self.ibot_loss.forward_selected(
                 s_cls, t_cls, s_local, s_rows[0], t_rows, weight_M, t_mean, epoch,
                 temperatures=temperatures)
+        if n_koleo:
+            terms = self.add_koleo(terms, z_cls)
         return terms, t_cls, s_cls
 
     def _temperatures(self, epoch):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ibot_fast.ema import EMATeacherUpdate
+from ibot_fast.loss.koleo import koleo_views
 from ibot_fast.optim import build_optimizer, clip_gradients_per_tensor, get_params_groups
 
 STEP_PATHS = ("fast", "reference")
@@ -41,9 +42,16 @@ class StepPath:
     sharded = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module, ibot_loss: nn.Module,
-                 ngcrops: int):
+                 ngcrops: int, koleo_weight: float = 0.0):
         self.student, self.teacher, self.ibot_loss = student, teacher, ibot_loss
         self.ng = ngcrops
+        self.koleo_weight = koleo_weight  # 0: the reference's loss, no KoLeo term
+
+    def add_koleo(self, terms: dict, z_cls: torch.Tensor) -> dict:
+        """``--koleo_weight``: the KoLeo term of the student's global [CLS] bottleneck vectors
+        ``z_cls`` [ng·B, bottleneck] in ``terms["koleo"]``, weighted into ``terms["loss"]``."""
+        koleo = koleo_views(z_cls, self.ng)
+        return dict(terms, koleo=koleo, loss=terms["loss"] + self.koleo_weight * koleo)
 
     def _collect_params(self) -> None:
         """Called by the constructors once the parameters are final (after FSDP sharding)."""
@@ -54,7 +62,8 @@ class StepPath:
     def forward_loss(self, images: list, masks, epoch: int):
         """Teacher and student forward and the loss, under the caller's autocast. Returns
         ``(loss terms, teacher [CLS] logits of the global crops, student [CLS] logits of the
-        global crops)``; the terms hold ``loss``, ``cls`` and ``patch``."""
+        global crops)``; the terms hold ``loss``, ``cls`` and ``patch`` (and ``koleo`` with
+        ``--koleo_weight``)."""
         raise NotImplementedError
 
     def clip_gradients(self, clip: float) -> torch.Tensor | None:
@@ -85,7 +94,8 @@ class ReferencePath(StepPath):
 
     def __init__(self, args, student, teacher, ibot_loss, device: torch.device,
                  world_size: int = 1):
-        super().__init__(student, teacher, ibot_loss, args.global_crops_number)
+        super().__init__(student, teacher, ibot_loss, args.global_crops_number,
+                         args.koleo_weight)
         for m in (student, teacher):
             m.backbone.set_attn_backend(args.attn_backend)
         self.module = ddp(student, device) if world_size > 1 else student
@@ -97,9 +107,14 @@ class ReferencePath(StepPath):
         ng = self.ng
         with torch.no_grad():  # the reference builds no graph here either
             teacher_output = self.teacher(images[:ng])
-        student_output = self.module(images[:ng], mask=masks[:ng])
+        koleo = self.koleo_weight > 0
+        student_output = self.module(images[:ng], mask=masks[:ng], return_cls_bottleneck=koleo)
+        if koleo:
+            student_output, z_cls = student_output
         student_local_cls = self.module(images[ng:])[0] if len(images) > ng else None
         terms = self.ibot_loss(student_output, teacher_output, student_local_cls, masks, epoch)
+        if koleo:
+            terms = self.add_koleo(terms, z_cls)
         return terms, teacher_output[0], student_output[0]
 
 

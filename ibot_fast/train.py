@@ -51,6 +51,9 @@ from ibot_fast.resume import ResumeUsageError, compare_flags, steps_logged_after
 from ibot_fast.schedules import cosine_scheduler
 from ibot_fast.step import build_step_path
 
+# the per-step metrics an epoch averages (log.txt: train_<name>; koleo only with --koleo_weight)
+EPOCH_METRICS = ("loss", "cls", "patch", "acc", "koleo")
+
 
 def log(msg: str, info: DistInfo | None = None):
     if info is None or info.is_main:
@@ -262,7 +265,21 @@ class Trainer:
         b = images[0].shape[0]
         acc = (teacher_cls[:b].argmax(-1) == student_cls[b:2 * b].argmax(-1))
         return {"loss": loss.detach(), "cls": terms["cls"].detach(),
-                "patch": terms["patch"].detach(), "acc": acc.float().mean(), "skipped": False}
+                "patch": terms["patch"].detach(), "acc": acc.float().mean(),
+                "koleo": self._koleo(terms), "skipped": False}
+
+    @staticmethod
+    def _koleo(terms: dict) -> torch.Tensor:
+        """The KoLeo term of a step (``--koleo_weight``), 0 without one."""
+        koleo = terms.get("koleo")
+        return terms["loss"].new_zeros(()) if koleo is None else koleo.detach()
+
+    def _koleo_record(self, value, prefix: str = "") -> dict:
+        """The koleo entry of a log record: ``{prefix + 'koleo': value}`` with
+        ``--koleo_weight``, nothing without (the logs keep the reference's fields)."""
+        if not self.args.koleo_weight:
+            return {}
+        return {prefix + "koleo": float(value)}
 
     def optimizer_step(self) -> None:
         """The optimiser step (through the GradScaler with fp16)."""
@@ -286,7 +303,8 @@ class Trainer:
             f"patch {terms['patch'].item():.6g}); {self.skipped} skipped this epoch", self.info)
         nan = torch.full((), math.nan, dtype=torch.float64, device=self.device)
         return {"loss": terms["loss"].detach(), "cls": terms["cls"].detach(),
-                "patch": terms["patch"].detach(), "acc": nan, "skipped": True}
+                "patch": terms["patch"].detach(), "acc": nan, "koleo": self._koleo(terms),
+                "skipped": True}
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self, epoch: int, position: dict | None = None) -> dict:
@@ -564,8 +582,8 @@ class Trainer:
             self.loader.sampler.set_epoch(epoch)
         self.dataset.set_epoch(epoch)
         self.student.train()
-        # loss, cls, patch, acc: summed on the device in fp64 (no sync per step)
-        sums = torch.zeros(4, device=self.device, dtype=torch.float64)
+        # loss, cls, patch, acc, koleo: summed on the device in fp64 (no sync per step)
+        sums = torch.zeros(len(EPOCH_METRICS), device=self.device, dtype=torch.float64)
         steps, start, self.skipped = 0, 0, 0
         pos, self._resume_pos = self._resume_pos, None
         if pos is not None and pos["epoch"] == epoch:  # a mid-epoch checkpoint: go on from it
@@ -575,7 +593,8 @@ class Trainer:
                                              "samples_consumed": int(pos["samples"])})
             else:
                 self.loader.sampler.set_start(int(pos["samples"]))
-            sums += torch.tensor(pos["metric_sums"], dtype=torch.float64, device=self.device)
+            kept = pos["metric_sums"]  # a checkpoint from before the koleo metric has 4
+            sums[:len(kept)] += torch.tensor(kept, dtype=torch.float64, device=self.device)
             steps, self.skipped = int(pos["metric_steps"]), int(pos["skipped"])
             rngs = pos["rng"]
             if len(rngs) == info.world_size:
@@ -598,7 +617,7 @@ class Trainer:
             it = epoch * self.iters_per_epoch + i
             out = self.train_step(images, masks, epoch, it)
             if not out["skipped"]:  # a skipped step is logged, not averaged
-                sums += torch.stack([out[k].double() for k in ("loss", "cls", "patch", "acc")])
+                sums += torch.stack([out[k].double() for k in EPOCH_METRICS])
                 steps += 1
             # img/s and ETA on the host clock from the first step (no device sync; on a GPU
             # the host runs a few steps ahead, so the first figures are rough)
@@ -623,7 +642,8 @@ class Trainer:
                 t_last, n_last = now, steps
                 rec = {"epoch": epoch, "it": it, "loss": out["loss"].item(),
                        "cls": out["cls"].item(), "patch": out["patch"].item(),
-                       "acc": out["acc"].item(), "lr": float(self.lr_schedule[it]),
+                       "acc": out["acc"].item(), **self._koleo_record(out["koleo"]),
+                       "lr": float(self.lr_schedule[it]),
                        "wd": float(self.wd_schedule[it]), "img_s": img_s,
                        "eta_s": eta_s, "skipped": self.skipped}
                 if info.is_main:
@@ -648,12 +668,15 @@ class Trainer:
             dist.all_reduce(bad_images)
         avg = (sums / max(steps, 1)).tolist()
         stats = {"train_loss": avg[0], "train_cls": avg[1], "train_patch": avg[2],
-                 "train_acc": avg[3], "train_lr": float(self.lr_schedule[it]),
+                 "train_acc": avg[3], **self._koleo_record(avg[4], "train_"),
+                 "train_lr": float(self.lr_schedule[it]),
                  "train_wd": float(self.wd_schedule[it]), "train_skipped": self.skipped,
                  "train_bad_images": int(bad_images), "epoch": epoch}
         if info.is_main:
             self._append(epoch_log, stats)
-        log(f"epoch {epoch}: loss {avg[0]:.4f} (cls {avg[1]:.4f}, patch {avg[2]:.4f})", info)
+        koleo = f", koleo {avg[4]:.4f}" if args.koleo_weight else ""
+        log(f"epoch {epoch}: loss {avg[0]:.4f} (cls {avg[1]:.4f}, patch {avg[2]:.4f}{koleo})",
+            info)
         return stats
 
 

@@ -344,7 +344,7 @@ def assert_same_runs(ta, ra, tb, rb, precision):
         tight = dict(rtol=1e-5, atol=1e-6)
         params = dict(rtol=0, atol=0.02 * float(ta.lr_schedule[ta.iters_per_epoch]))
     for (xa, ga), (xb, gb) in zip(ra, rb):
-        for key in ("loss", "cls", "patch", "acc"):
+        for key in ("loss", "cls", "patch", "acc", "koleo"):
             torch.testing.assert_close(xb[key], xa[key], **tight, msg=key)
         for name in ga:
             assert (ga[name] is None) == (gb[name] is None), name

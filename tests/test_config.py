@@ -93,6 +93,8 @@ RULE_EXAMPLES = {
     "mask_backend-cuda-device": ("cpu", ["--mask_backend", "cuda"]),
     "data_backend-dali-synthetic": ("cpu", ["--data_backend", "dali"]),
     "fsdp-torchrun": ("cpu", ["--fsdp", "true"]),
+    "koleo_weight-batch_size_per_gpu": ("cpu", ["--koleo_weight", "0.3",
+                                                "--batch_size_per_gpu", "1"]),
     "swin-attn_backend": ("gpu", SWIN_SMALL + ["--attn_backend", "flex"]),
     "swin-packed_crops": ("cpu", SWIN_SMALL + ["--packed_crops", "true"]),
     "swin-compile": ("cpu", SWIN_SMALL + ["--compile", "blocks"]),
@@ -276,6 +278,7 @@ def test_bad_output_dir_is_a_usage_error(tmp_path, cpu, no_work, capsys, monkeyp
     ("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--min_lr", "-1e-6"),
     ("--weight_decay", "-1"), ("--weight_decay_end", "-0.1"), ("--batch_size_per_gpu", "0"),
     ("--epochs", "0"), ("--epochs", "-2"), ("--clip_grad", "-1"), ("--num_workers", "-1"),
+    ("--koleo_weight", "-0.1"), ("--koleo_weight", "nan"),
 ])
 def test_non_positive_values_are_usage_errors(cpu, capsys, flag, value):
     assert flag in _usage_error(SMALL + [flag, value], capsys)

@@ -24,7 +24,7 @@ def _cat(tensors):
 class MultiCropWrapper(nn.Module):
     """Run the backbone once per run of same-size crops, then the head once on everything.
 
-    forward(x, mask=None, return_backbone_feat=False):
+    forward(x, mask=None, return_backbone_feat=False, return_cls_bottleneck=False):
       x     Tensor [B, C, H, W] or list of them (one per crop).
       mask  None, or (same length as x) a list of bool [B, H/p, W/p]; a single tensor goes with
             a single-tensor x.
@@ -33,7 +33,10 @@ class MultiCropWrapper(nn.Module):
     (all images of crop 0, then crop 1, ...), which the loss's chunk() relies on, and go
     through the head in one call. Returns the head output ((cls, patch) for token outputs) or,
     with return_backbone_feat, (head_out, backbone_tokens). Note: the reference returns the
-    two in the opposite order, (backbone_tokens, head_out).
+    two in the opposite order, (backbone_tokens, head_out). With return_cls_bottleneck (not
+    in the reference; ``--koleo_weight``), ``(head_out, z)``: the head's normalised bottleneck
+    vectors of the [CLS] tokens, [n·B, bottleneck], computed inside this forward so that DDP
+    and FSDP see every use of the head's parameters.
     Extra keyword arguments go to the backbone (e.g. return_all_tokens=False).
     """
 
@@ -42,7 +45,8 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = nn.Identity() if head is None else head
 
-    def forward(self, x, mask=None, return_backbone_feat=False, **backbone_kwargs):
+    def forward(self, x, mask=None, return_backbone_feat=False, return_cls_bottleneck=False,
+                **backbone_kwargs):
         crops = list(x) if isinstance(x, (list, tuple)) else [x]
         if mask is None:
             masks = None
@@ -85,6 +89,10 @@ class MultiCropWrapper(nn.Module):
         out = self.head(feats)
         if return_backbone_feat:
             return out, feats
+        if return_cls_bottleneck:
+            # the MLP again on the [CLS] rows only: IBOTHead.forward keeps the reference's
+            # return value, and these few rows cost little next to the head on every token
+            return out, self.head.bottleneck(feats[:, 0] if feats.ndim == 3 else feats)
         return out
 
 
