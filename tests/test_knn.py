@@ -92,13 +92,11 @@ def test_demo_preset_end_to_end(full_demo):
 # epoch; steps.jsonl: every --log_freq steps; knn.jsonl: the teacher's k-NN after every epoch).
 # Epoch means, not single steps: a step's loss moves by ~1 with the masking ratio drawn for it.
 LOSS_NOISE = 0.05      # an epoch mean may exceed the previous one by this much in the last half
-CLS_MARGIN = 0.5       # the last epoch's [CLS] loss stays this far below ln K, at every record
-
-
-# The current demo recipe's [CLS] head collapses (README, "Demo result"): the full-demo test
-# reports the learning criteria as an expected failure, after its hard k-NN assertions, until a
-# recipe that passes them is found; then set this to False.
-DEMO_KNOWN_TO_COLLAPSE = True
+CLS_MARGIN = 0.5       # the last epoch's mean [CLS] loss stays this far below ln K ...
+CLS_AT_LNK = 0.05      # ... and no record of it comes this close to ln K
+# Why a mean and a band: a record is one step's loss, which moves by ±0.5 with the crops and
+# masks of that step (measured on the demo: records 5.0-5.6 around an epoch mean of 5.1), while
+# a collapsed head sits flat at ln K (records 6.236-6.240).
 
 
 def _jsonl(path):
@@ -110,9 +108,10 @@ def demo_learning_failures(epochs: list[dict], steps: list[dict], knn: list[dict
                            out_dim: int) -> list[str]:
     """What is wrong with a demo run's curves ([] when nothing is): the mean loss of the last
     epoch is not below the first's; an epoch of the last half is above the one before it by
-    more than LOSS_NOISE; a [CLS] loss record of the last epoch is within CLS_MARGIN of
-    ln K (the head's outputs uniform, the collapse); the teacher's k-NN top-1 (k = 20) of the
-    last epoch is not above that of the first."""
+    more than LOSS_NOISE; the mean [CLS] loss of the last epoch's records is within
+    CLS_MARGIN of ln K, or one of them within CLS_AT_LNK (the head's outputs uniform, the
+    collapse); the teacher's k-NN top-1 (k = 20) of the last epoch is not above that of the
+    first."""
     bad = []
     loss = [e["train_loss"] for e in sorted(epochs, key=lambda e: e["epoch"])]
     if not loss[-1] < loss[0]:
@@ -123,10 +122,14 @@ def demo_learning_failures(epochs: list[dict], steps: list[dict], knn: list[dict
             bad.append(f"epoch {e}'s mean loss {loss[e]:.3f} rose above epoch {e - 1}'s "
                        f"{loss[e - 1]:.3f}")
     last = max(r["epoch"] for r in steps)
-    worst = max(r["cls"] for r in steps if r["epoch"] == last)
-    if worst > math.log(out_dim) - CLS_MARGIN:
-        bad.append(f"[CLS] loss {worst:.3f} in the last epoch is at ln K = "
-                   f"{math.log(out_dim):.3f} (uniform head outputs)")
+    cls = [r["cls"] for r in steps if r["epoch"] == last]
+    ln_k = math.log(out_dim)
+    if sum(cls) / len(cls) > ln_k - CLS_MARGIN:
+        bad.append(f"mean [CLS] loss {sum(cls) / len(cls):.3f} of the last epoch is within "
+                   f"{CLS_MARGIN} of ln K = {ln_k:.3f} (uniform head outputs)")
+    if max(cls) > ln_k - CLS_AT_LNK:
+        bad.append(f"[CLS] loss {max(cls):.3f} in the last epoch is at ln K = {ln_k:.3f} "
+                   f"(uniform head outputs)")
     top1 = [r["knn"]["20"]["top1"] for r in sorted(knn, key=lambda r: r["epoch"])]
     if not top1[-1] > top1[0]:
         bad.append(f"teacher k-NN top-1 (k=20) did not improve: {top1[0]} after the first "
@@ -154,12 +157,19 @@ def test_demo_criteria_reject_the_collapsed_curve():
     assert demo_learning_failures(epochs([9.0, 8.0, 7.5, 7.54, 7.5]), *healthy[1:], 512) == []
     assert len(demo_learning_failures(epochs([9.0, 8.0, 7.5, 7.7, 7.5]), *healthy[1:], 512)) == 1
     assert len(demo_learning_failures(healthy[0], healthy[1], knn(60.0, 55.0), 512)) == 1
+    # the two [CLS] rules alone: a last epoch flat at ln K breaks both; a mean too close to
+    # ln K breaks one (records 5.8 and 6.0); one record at ln K breaks the other (mean 5.12)
+    flat = [{"epoch": 0, "cls": 6.0}] + [{"epoch": 4, "cls": 6.238}] * 3
+    near = [{"epoch": 0, "cls": 6.0}, {"epoch": 4, "cls": 5.8}, {"epoch": 4, "cls": 6.0}]
+    assert len(demo_learning_failures(healthy[0], flat, healthy[2], 512)) == 2
+    assert "mean [CLS]" in demo_learning_failures(healthy[0], near, healthy[2], 512)[0]
+    assert len(demo_learning_failures(healthy[0], steps(6.23), healthy[2], 512)) == 1
 
 
 @pytest.mark.slow
 def test_full_demo_learns_and_beats_random_init(full_demo):
-    """The README's acceptance claims, run in full (`make demo`'s job, ~3.5 min on 2 idle
-    cores): the loss goes down and stays down, the [CLS] term is off ln K in the last epoch,
+    """The README's acceptance claims, run in full (`make demo`'s job, a few minutes on 2
+    idle cores): the loss goes down and stays down, the [CLS] term is off ln K in the last epoch,
     the teacher's k-NN improves over the epochs (evaluated after every one), and at the end
     the teacher's k-NN top-1 is above the random-init network's at every k."""
     from ibot_fast.config import PRESETS
@@ -171,6 +181,4 @@ def test_full_demo_learns_and_beats_random_init(full_demo):
     assert len(_jsonl(out / "knn.jsonl")) == PRESETS["demo"]["epochs"]
     failures = demo_learning_failures(_jsonl(out / "log.txt"), _jsonl(out / "steps.jsonl"),
                                       _jsonl(out / "knn.jsonl"), PRESETS["demo"]["out_dim"])
-    if failures and DEMO_KNOWN_TO_COLLAPSE:
-        pytest.xfail(f"the demo recipe still collapses (README, Demo result): {failures}")
     assert failures == [], failures
