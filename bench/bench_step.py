@@ -211,9 +211,8 @@ def bench_threads() -> int:
     return min(2, len(os.sched_getaffinity(0)))
 
 
-def _run_case(benchmark, variant, case, precision, device, rounds, it=50):
-    dtype = torch.float32
-    images, masks = make_batch(case, device, dtype)
+def _step_fn(variant, case, precision, device, images, masks, it=50):
+    """(trainer, one-step callable) of a variant on a fixed batch."""
     if variant == "refstyle":
         tr, loss_fn = build_refstyle(case, precision, device)
         step = lambda: reference_style_step(tr, loss_fn, images, masks, 1, it)  # noqa: E731
@@ -228,6 +227,12 @@ def _run_case(benchmark, variant, case, precision, device, rounds, it=50):
         tr = Trainer(parse_args(_argv(case, True, precision, device, compile_=compile_,
                                       fused=variant == "fast_fused")))
         step = lambda: tr.train_step(images, masks, 1, it)["loss"]  # noqa: E731
+    return tr, step
+
+
+def _run_case(benchmark, variant, case, precision, device, rounds, it=50):
+    images, masks = make_batch(case, device, torch.float32)
+    tr, step = _step_fn(variant, case, precision, device, images, masks, it)
     step()  # warm-up (compiles, allocator)
     # the fast step's FLOPs: the work the loss needs (MFU numerator for both variants)
     fast_flops = None
@@ -302,14 +307,6 @@ def test_step_cpu_swin_recipe(benchmark, variant):
 INTERLEAVED_CASES = {"vit_small": RECIPE_CPU_CASE, "swin_tiny": SWIN_RECIPE_CPU_CASE}
 
 
-def _timed_step(variant, case, images, masks, it=50):
-    if variant == "reference":
-        tr = build_reference(case, "fp32", "cpu")
-        return lambda: tr(images, list(masks), 1, it)["loss"]  # noqa: E731
-    tr = Trainer(parse_args(_argv(case, True, "fp32", "cpu")))
-    return lambda: tr.train_step(images, masks, 1, it)["loss"]  # noqa: E731
-
-
 @pytest.mark.parametrize("case_name", list(INTERLEAVED_CASES))
 def test_step_cpu_recipe_interleaved(benchmark, case_name):
     """One benchmark round = one reference step then one default step; extra_info holds each
@@ -318,7 +315,8 @@ def test_step_cpu_recipe_interleaved(benchmark, case_name):
     case = INTERLEAVED_CASES[case_name]
     benchmark.group = f"step cpu {case_name} recipe, reference and default alternating"
     images, masks = make_batch(case, "cpu", torch.float32)
-    steps = {v: _timed_step(v, case, images, masks) for v in ("reference", "fast")}
+    steps = {v: _step_fn(v, case, "fp32", "cpu", images, masks)[1]
+             for v in ("reference", "fast")}
     for step in steps.values():
         step()  # warm-up
     times = {v: [] for v in steps}

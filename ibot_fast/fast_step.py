@@ -219,14 +219,14 @@ class FastStudent(nn.Module):
             out = (_head_fused if self.fused_head else _head_logits)(head, z, n_cls)
             # the first sel rows are the [CLS] tokens, globals first
             return (*out, z[:koleo_rows]) if koleo_rows else out
-        outs, start = [], 0
+        outs, start, y_globals = [], 0, None
         for b, t in layout:
             y = norm(x[start:start + b * t]).view(b, t, -1)
+            y_globals = y if y_globals is None else y_globals
             outs.append(head(y))
             start += b * t
         if koleo_rows:  # the globals' [CLS] bottleneck (MultiCropWrapper's return_cls_bottleneck)
-            y = norm(x[:layout[0][0] * layout[0][1]]).view(*layout[0], -1)
-            outs.append(head.bottleneck(y[:koleo_rows, 0]))
+            outs.append(head.bottleneck(y_globals[:koleo_rows, 0]))
         return outs
 
 
