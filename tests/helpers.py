@@ -233,8 +233,9 @@ TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "16",
 
 # The same run on a Swin (swin_nano, window 7): 64-px globals give a 16x16 first stage (padded to
 # 21x21 and shifted; a 2x2 MIM grid), 32-px locals. argparse keeps the last value of a flag.
-SWIN_TINY = TINY + ["--arch", "swin_nano", "--patch_size", "4", "--global_crops_size", "64",
-                    "--local_crops_size", "32"]
+SWIN_FLAGS = ["--arch", "swin_nano", "--patch_size", "4", "--global_crops_size", "64",
+              "--local_crops_size", "32"]
+SWIN_TINY = TINY + SWIN_FLAGS
 
 
 def tiny_args(tmp_path, *extra):
