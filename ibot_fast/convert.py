@@ -42,8 +42,10 @@ Exports of one backbone (teacher by default):
   is timm's ``layers.{s+1}.downsample``); ``relative_position_index`` (a non-persistent buffer
   in timm) and ``masked_embed`` are dropped. So ``timm.create_model(
   "swin_tiny_patch4_window7_224", num_classes=0).load_state_dict(sd)`` takes a swin_tiny /
-  window 7 export strictly; timm's LayerNorms use eps 1e-5 where the reference's use 1e-6, so
-  its outputs differ slightly (a window 14 backbone needs ``window_size=14`` at creation).
+  window 7 export strictly (a window 14 backbone needs ``window_size=14`` at creation). The
+  features are ours at 224 px (fp64 rounding once timm's LayerNorms get our eps 1e-6; its
+  default 1e-5 moves them by ~1e-5); on grids that are not a multiple of the window (other
+  input sizes) timm rolls before zero-padding where the reference pads first, so they differ.
 * ``ibot_fast``: the whole checkpoint in ibot_fast's layout (what ``--load_from`` also does on
   the fly), to continue pre-training or to evaluate.
 """

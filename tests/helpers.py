@@ -231,6 +231,13 @@ TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "16",
         "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2", "--lr", "0.05"]
 
 
+# The same run on a Swin (swin_nano, window 7): 64-px globals give a 16x16 first stage (padded to
+# 21x21 and shifted; a 2x2 MIM grid), 32-px locals. argparse keeps the last value of a flag.
+SWIN_FLAGS = ["--arch", "swin_nano", "--patch_size", "4", "--global_crops_size", "64",
+              "--local_crops_size", "32"]
+SWIN_TINY = TINY + SWIN_FLAGS
+
+
 def tiny_args(tmp_path, *extra):
     return parse_args(TINY + ["--data_path", "synthetic:16", "--output_dir", str(tmp_path),
                               *extra])

@@ -15,7 +15,7 @@ from ibot_fast.fast_step import patch_token_rows
 from ibot_fast.train import Trainer
 from helpers import torchrun_tiny as _torchrun_tiny
 from helpers import assert_same_weights
-from helpers import FAST_TINY, compare_with_reference, fast_args
+from helpers import FAST_TINY, SWIN_FLAGS, compare_with_reference, fast_args
 
 
 
@@ -125,17 +125,27 @@ def test_fast_flags_fail_with_message(tmp_path, extra, needle, capsys):
     assert needle in capsys.readouterr().err
 
 
-def test_bf16_teacher_copy_follows_the_ema(tmp_path):
+@pytest.mark.parametrize("model", [[], SWIN_FLAGS], ids=["vit", "swin"])
+def test_bf16_teacher_copy_follows_the_ema(tmp_path, model):
     """--ema_teacher_bf16: the EMA pass writes the bf16 copy the teacher forward runs on."""
-    tr = Trainer(fast_args(tmp_path, "--precision", "bf16", "--fast_step", "true",
-                       "--ema_teacher_bf16", "true", "--ema_backend", "torch"))
+    tr = Trainer(fast_args(tmp_path, *model, "--precision", "bf16", "--fast_step", "true",
+                           "--ema_teacher_bf16", "true", "--ema_backend", "torch"))
     images, _, masks = next(iter(tr.loader))
+    ema = tr.path.ema
+    start = ema.teacher_bf16_flat.clone()
     out = tr.train_step(images, masks, 1, tr.iters_per_epoch)
     assert torch.isfinite(out["loss"])
-    ema = tr.path.ema
+    assert not torch.equal(ema.teacher_bf16_flat, start)  # the EMA moved it
     assert torch.equal(ema.teacher_bf16_flat, ema.teacher_flat.to(torch.bfloat16))
     for name, p in ema.bf16_parameters().items():
         assert torch.equal(p, dict(tr.teacher.named_parameters())[name].to(torch.bfloat16))
+    # the teacher forward reads the copy: changing only the copy changes its output
+    globals_ = torch.cat(images[:tr.path.ng])
+    with torch.no_grad(), tr.autocast():
+        before = tr.path.teacher_forward(globals_, None)[0]
+        ema.teacher_bf16_flat.mul_(0.5)
+        after = tr.path.teacher_forward(globals_, None)[0]
+    assert torch.isfinite(before).all() and not torch.equal(before, after)
 
 
 # ------------------------------------------------------------------------ stochastic depth

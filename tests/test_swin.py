@@ -3,7 +3,8 @@
 Without a checkout: the window helpers against hand computations, patch merging, the MIM mask
 repeat, the pooled [CLS] slot, the window shrink, 96-px local crops, the flag rules (exit 2
 before any work), the loader's 32-px mask grid, the fast step's unpacked route against the
-reference path, convert / export. With ``IBOT_REFERENCE_REPO``: the reference's Swin against
+reference path, convert / export (with timm installed: the timm export loaded strictly into
+timm's Swin, same features). With ``IBOT_REFERENCE_REPO``: the reference's Swin against
 ours in fp64 on the same weights (through ibot_fast.convert), and two training steps of the
 reference loop against ``Trainer.train_step`` (default step and ``--step reference``).
 """
@@ -282,6 +283,57 @@ def test_convert_swin_checkpoint_and_timm_names(tmp_path):
     assert "layers.0.downsample.reduction.weight" not in sd
     assert sd["layers.1.downsample.reduction.weight"].shape == (32, 64)
     assert "layers.0.blocks.1.attn.relative_position_bias_table" in sd and "norm.weight" in sd
+
+
+def _import_timm():
+    """timm, or a skip: CI has no timm; a torchvision built for another torch makes the
+    import fail with a RuntimeError (an unregistered operator) rather than an ImportError."""
+    try:
+        return pytest.importorskip("timm", exc_type=ImportError)
+    except RuntimeError as err:
+        pytest.skip(f"timm does not import: {str(err).splitlines()[0]}")
+
+
+@pytest.mark.slow  # swin_tiny at 224 px in fp64, ours and timm's: ~3 s a window on one core
+@pytest.mark.parametrize("window", [7, 14])
+def test_timm_export_loads_strictly_and_gives_our_features(window, tmp_path):
+    """``convert --to timm`` of a swin_tiny teacher file loads strictly into timm's
+    ``swin_tiny_patch4_window7_224`` (``window_size=14`` for window 14: the same layer names
+    and table sizes, stage 3 shrinks to 7 in both), and timm's pooled feature is ours: in fp64
+    to rounding once timm's LayerNorms get our eps 1e-6; with timm's default eps 1e-5 within
+    1e-4. At 224 px every stage grid is a multiple of the window, so nothing is padded (timm
+    rolls before padding where the reference pads first: other sizes differ)."""
+    import functools
+
+    timm = _import_timm()
+    torch.manual_seed(0)
+    ours = build_swin("swin_tiny", window_size=window, img_size=224, masked_im_modeling=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every tensor non-trivial (biases, norms), not the init's zeros/ones
+        for p in ours.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    path, out = tmp_path / "checkpoint_teacher.pth", tmp_path / "timm.pth"
+    torch.save({"teacher": {"backbone." + k: v for k, v in ours.state_dict().items()},
+                "args": dict(arch="swin_tiny", patch_size=4, window_size=window)}, path)
+    convert.main([str(path), str(out), "--to", "timm"])
+    sd = torch.load(out, weights_only=True)
+    kw = dict(num_classes=0, pretrained=False, **({"window_size": window} if window != 7
+                                                  else {}))
+    same_eps = timm.create_model("swin_tiny_patch4_window7_224", **kw, norm_layer=functools
+                                 .partial(torch.nn.LayerNorm, eps=1e-6))
+    same_eps.load_state_dict(sd)  # strict: every timm tensor filled, nothing left over
+    x = torch.randn(1, 3, 224, 224, dtype=torch.float64, generator=g)
+    ours = ours.double().eval()
+    with torch.no_grad():
+        expected = ours(x)  # [1, 1 + 49, 768]: pooled, then the normed final tokens
+        torch.testing.assert_close(same_eps.double().eval()(x), expected[:, 0], **FP64)
+        torch.testing.assert_close(same_eps.forward_features(x).flatten(1, 2),
+                                   expected[:, 1:], **FP64)
+        if window == 7:  # what the docs tell users to create
+            default = timm.create_model("swin_tiny_patch4_window7_224", **kw)
+            default.load_state_dict(sd)
+            torch.testing.assert_close(default.double().eval()(x), expected[:, 0],
+                                       rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------ against the reference

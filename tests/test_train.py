@@ -13,7 +13,8 @@ import torch
 
 from ibot_fast.config import parse_args
 from ibot_fast.train import Trainer, main
-from helpers import TINY, tiny_args, read_jsonl, torchrun_tiny, assert_same_weights
+from helpers import (SWIN_TINY, TINY, assert_same_weights, read_jsonl, tiny_args,
+                     torchrun_tiny)
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -221,15 +222,19 @@ def test_resume_equals_straight_run(tmp_path, workers):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_equals_one_process(tmp_path):
-    """The reference step (the fast step under DDP: tests/test_fast_step.py). Same global
-    batch (2x2 vs 1x4): same epoch losses, same weights, same centres.
+@pytest.mark.parametrize("config, step", [(TINY, "reference"), (SWIN_TINY, "fast")],
+                         ids=["vit-reference", "swin-fast"])
+def test_two_process_gloo_equals_one_process(tmp_path, config, step):
+    """``step`` on 2 gloo processes x 2 images against the reference step in one process with
+    4 images: same epoch losses, same weights, same centres. ViT runs the reference step (its
+    fast step under DDP: tests/test_fast_step.py); Swin the default fast step (its unpacked
+    route under the fast step's own DDP wrapper), which is also the reference step's result.
     Crops and masks are a function of (seed, epoch, image index), so the ranks see the very
     images the single process sees; drop path is off (its draws are per process). In fp64:
     in fp32 the different gradient reduction order is last-bit noise that Adam amplifies on
     the attention key bias (its true gradient is exactly zero), see the train-step test."""
-    torchrun_tiny(2, tmp_path / "two", 2, tmp_path, "--step", "reference")
-    torchrun_tiny(1, tmp_path / "one", 4, tmp_path, "--step", "reference")
+    torchrun_tiny(2, tmp_path / "two", 2, tmp_path, "--step", step, config=config)
+    torchrun_tiny(1, tmp_path / "one", 4, tmp_path, "--step", "reference", config=config)
     la, lb = read_jsonl(tmp_path / "two" / "log.txt"), read_jsonl(tmp_path / "one" / "log.txt")
     for ra, rb in zip(la, lb):
         for key in ("train_loss", "train_cls", "train_patch"):
