@@ -422,7 +422,9 @@ class FastPath(StepPath):
                 terms = self.add_koleo(terms, z_cls)
             return terms, t_out[0], s_out[0]
         N = mb.masks_CBHW.shape[-2] * mb.masks_CBHW.shape[-1]
-        idx_M, weight_M = mb.idx_M, mb.weight_M
+        # fp64 runs (the equality tests) take the weights in fp64, exact like the reference's
+        idx_M, weight_M = mb.idx_M, mb.weights(torch.promote_types(globals_.dtype,
+                                                                  torch.float32))
         if self.compile != "step" and mb.n_valid_host is not None:
             # eager: the heads run on the masked rows only. The padding rows (weight 0) add
             # exact zeros to the loss and its gradients, but cost head FLOPs: at the recipe's

@@ -642,8 +642,9 @@ class MaskBatch(list):
                     are the masked tokens in ascending order (crop, then image, then token);
                     rows ``>= n_valid`` are padding with index 0 (always a legal gather index).
     ``valid_M``     bool [M]: ``True`` exactly for the first ``n_valid`` rows.
-    ``weight_M``    float32 [M]: ``1 / (count_cb * B * C)`` for a masked token of image
-                    (c, b) with ``count_cb`` masked tokens, 0 for padding. Then
+    ``weight_M``    float32 [M] (:meth:`weights` for fp64): ``1 / (count_cb * B * C)`` for a
+                    masked token of image (c, b) with ``count_cb`` masked tokens, 0 for
+                    padding. Then
                     ``sum_r weight_M[r] * ce[idx_M[r]]`` is exactly the reference's patch loss
                     before ``lambda2``: per image the mean over its masked tokens, averaged over
                     all B images (an image without masked tokens contributes 0 but counts in B)
@@ -698,6 +699,18 @@ class MaskBatch(list):
         weight_M[:n] = w_T[sel]
         return cls(masks_CBHW, idx_M, valid_M, weight_M, counts_CB,
                    torch.tensor(n, dtype=torch.int64, device=dev), max_masked, n)
+
+    def weights(self, dtype: torch.dtype) -> torch.Tensor:
+        """``weight_M`` in ``dtype``. fp32 (and narrower): the stored tensor. fp64: recomputed
+        from the counts, because ``1 / (count * B * C)`` is rarely exact in fp32 (a count of 3
+        gives 1/3) and widening the fp32 value would put a ~1e-8 relative error into an fp64
+        patch loss that is meant to equal the reference's."""
+        if torch.finfo(dtype).bits <= 32:
+            return self.weight_M
+        C, B, H, W = self.masks_CBHW.shape
+        counts_R = self.counts_CB.reshape(-1)[self.idx_M // (H * W)].to(dtype)  # [M]
+        w = 1.0 / (counts_R.clamp(min=1) * (B * C))
+        return torch.where(self.valid_M, w, torch.zeros((), dtype=dtype, device=w.device))
 
     def _map(self, fn) -> "MaskBatch":
         return MaskBatch(*(fn(getattr(self, f)) for f in self._FIELDS), self.max_masked,

@@ -263,6 +263,16 @@ def test_selection_layout_and_weights(backend, preset, K):
     ce = torch.rand(C, B, N, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     fused = (batch.weight_M.double() * ce.reshape(-1)[batch.idx_M]).sum()
     torch.testing.assert_close(fused, reference_patch_loss(ce, batch.masks_CBHW), rtol=1e-6, atol=0)
+    # In fp64 the weights are recomputed, not widened from fp32: the sum is the reference's to
+    # rounding (the fp32 weights above are off by up to ~3e-8 relative, 1/3 is not exact).
+    w64 = batch.weights(torch.float64)
+    assert w64.dtype == torch.float64 and batch.weights(torch.float32) is batch.weight_M
+    assert (w64[n:] == 0).all()
+    for r in range(0, n, 7):
+        assert w64[r] == 1.0 / (int(counts.flatten()[expected[r] // N]) * B * C)
+    fused64 = (w64 * ce.reshape(-1)[batch.idx_M]).sum()
+    torch.testing.assert_close(fused64, reference_patch_loss(ce, batch.masks_CBHW), rtol=1e-13,
+                               atol=0)
 
 
 def test_python_backend_is_deterministic_and_matches_reference_stats():
