@@ -26,7 +26,7 @@ from typing import Callable, Optional
 from ibot_fast.ema import EMA_BACKENDS
 from ibot_fast.fast_step import COMPILE_MODES, DROP_PATH_MODES, HEAD_TOKENS
 from ibot_fast.loss import LOSS_BACKENDS
-from ibot_fast.models.packed import ALL_ATTN_BACKENDS
+from ibot_fast.models.packed import ALL_ATTN_BACKENDS, ATTN_BACKEND_RULES
 from ibot_fast.models.swin import (SWIN_ARCHS, SWIN_ATTN_BACKENDS, SWIN_MASK_CELL,
                                    SWIN_PATCH_SIZE, is_swin)
 from ibot_fast.step import STEP_PATHS
@@ -340,8 +340,9 @@ def _fail(parser: argparse.ArgumentParser, msg: str):
 @dataclass(frozen=True)
 class Rule:
     """A rule about two or more flags: ``broken(args)`` is True when they disagree; ``message``
-    names the flags and the fix. Checked on the resolved namespace (device, precision and step
-    path already decided), before any data or model exists."""
+    names the flags and the fix ("{}": the flags as given, "{name}": a flag's resolved value).
+    Checked on the resolved namespace (device, precision and step path already decided),
+    before any data or model exists."""
     name: str
     broken: Callable[[argparse.Namespace], bool]
     message: str
@@ -433,18 +434,9 @@ CROSS_FLAG_RULES: tuple[Rule, ...] = (
          lambda a: a.ema_backend == "triton" and not _triton_ok(a),
          "--ema_backend triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU tests); use "
          "--ema_backend auto or torch"),
-    Rule("attn_backend-varlen-precision",
-         lambda a: a.attn_backend == "varlen" and a.precision not in ("fp16", "bf16"),
-         "--attn_backend varlen is flash attention, which computes in 16 bits only: use "
-         "--precision bf16 (or fp16), or --attn_backend sdpa"),
-    Rule("attn_backend-device",
-         lambda a: a.attn_backend in ("xformers", "varlen") and a.device != "cuda",
-         "{} needs a CUDA device (xformers has no CPU kernels, varlen is flash attention); "
-         "use --attn_backend sdpa on the CPU"),
-    Rule("attn_backend-flex-cpu",
-         lambda a: a.attn_backend == "flex" and a.device != "cuda",
-         "--attn_backend flex: this torch has no flex_attention backward on the CPU; use "
-         "--attn_backend sdpa (flex is for CUDA)"),
+    # the attention back ends' rules are defined next to the back ends (models/packed.py)
+    *(Rule(r.name, lambda a, r=r: r.broken(a.attn_backend, a.precision, a.device), r.message)
+      for r in ATTN_BACKEND_RULES),
     Rule("mask_backend-cuda-device",
          lambda a: a.mask_backend == "cuda" and a.device != "cuda",
          "--mask_backend cuda generates masks on the GPU; on the CPU use --mask_backend cpp "
@@ -491,14 +483,16 @@ def _rule_flags(rule: Rule, args) -> str:
     name = rule.name.removeprefix("reference-step-")
     if name in FAST_ONLY_FLAGS:
         return _flag(name, vars(args)[name])
-    if rule.name in ("attn_backend-device", "swin-attn_backend"):
+    if rule.name == "swin-attn_backend":
         return f"--attn_backend {args.attn_backend}"
     return ""
 
 
 def cross_flag_errors(args) -> list[str]:
     """Messages of every :data:`CROSS_FLAG_RULES` rule ``args`` breaks."""
-    return [r.message.format(_rule_flags(r, args)) for r in CROSS_FLAG_RULES if r.broken(args)]
+    # "{}": the flags as given; "{name}": that flag's resolved value
+    return [r.message.format(_rule_flags(r, args), **vars(args)) for r in CROSS_FLAG_RULES
+            if r.broken(args)]
 
 
 # ------------------------------------------------------------------------------- the machine

@@ -39,7 +39,8 @@ shrinks by the drop rate (:func:`draw_subsets`).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -61,11 +62,45 @@ FLEX_EAGER_MAX_TOKENS = 16_384
 VARLEN_PRECISIONS = ("bf16", "fp16")
 
 
+@dataclass(frozen=True)
+class AttnBackendRule:
+    """A rule about ``--attn_backend`` and the device / precision: ``broken(backend, precision,
+    device_type)`` (precision None: not known yet, the precision rules pass); ``message`` names
+    the flags and the fix (``{attn_backend}`` / ``{precision}`` are filled in). The one
+    definition of these rules: the argument parser checks them (they are part of
+    ``ibot_fast.config.CROSS_FLAG_RULES``) and so does :func:`check_attn_backend` for callers
+    that build models without it."""
+    name: str
+    broken: Callable[[str, Optional[str], str], bool]
+    message: str
+
+
+ATTN_BACKEND_RULES = (
+    AttnBackendRule(
+        "attn_backend-device",
+        lambda b, p, d: b in ("xformers", "varlen") and d != "cuda",
+        "--attn_backend {attn_backend} needs a CUDA device (xformers has no CPU attention "
+        "kernels, varlen is flash attention); use --attn_backend sdpa on the CPU (or --device "
+        "cuda)"),
+    AttnBackendRule(
+        "attn_backend-flex-cpu",
+        lambda b, p, d: b == "flex" and d != "cuda",
+        "--attn_backend flex: this torch has no flex_attention backward on the CPU; use "
+        "--attn_backend sdpa on the CPU (flex is for CUDA)"),
+    AttnBackendRule(
+        "attn_backend-varlen-precision",
+        lambda b, p, d: b == "varlen" and p is not None and p not in VARLEN_PRECISIONS,
+        "--attn_backend varlen runs flash attention, which takes bf16/fp16 inputs only, and "
+        "--precision {precision} feeds it {precision}; use --precision bf16 (or fp16), or "
+        "--attn_backend sdpa / flex for {precision}"),
+)
+
+
 def attn_backend_flag_errors(attn_backend: str, precision: Optional[str],
                              device_type: str) -> list:
     """What is wrong with ``--attn_backend`` for a run on ``device_type`` ("cpu" or "cuda")
     at ``--precision`` (the resolved value; None skips the precision rule): one message per
-    problem, naming the flags and the fix; ``[]`` when the combination can train.
+    broken :data:`ATTN_BACKEND_RULES` rule; ``[]`` when the combination can train.
 
     Pure flag logic, cheap enough for argument parsing; :func:`check_attn_backend` adds what
     only the installed packages can tell (imports, xformers' compiled ops).
@@ -73,24 +108,9 @@ def attn_backend_flag_errors(attn_backend: str, precision: Optional[str],
     if attn_backend not in ALL_ATTN_BACKENDS:
         return [f"unknown attn_backend {attn_backend!r} (--attn_backend); choose one of "
                 f"{', '.join(ALL_ATTN_BACKENDS)}"]
-    errors = []
-    on_cpu = device_type != "cuda"
-    if attn_backend == "xformers" and on_cpu:
-        errors.append("--attn_backend xformers has no CPU attention kernels; use "
-                      "--attn_backend sdpa on the CPU (or --device cuda)")
-    if attn_backend == "flex" and on_cpu:
-        errors.append("--attn_backend flex: torch has no flex_attention backward on the CPU; "
-                      "use --attn_backend sdpa on the CPU (flex is for CUDA)")
-    if attn_backend == "varlen":
-        if on_cpu:
-            errors.append("--attn_backend varlen runs flash attention, which needs a CUDA "
-                          "device; use --attn_backend sdpa on the CPU")
-        if precision is not None and precision not in VARLEN_PRECISIONS:
-            errors.append(f"--attn_backend varlen runs flash attention, which takes bf16/fp16 "
-                          f"inputs only, and --precision {precision} feeds it {precision}; use "
-                          f"--precision bf16 (or fp16), or --attn_backend sdpa / flex for "
-                          f"{precision}")
-    return errors
+    return [r.message.format(attn_backend=attn_backend, precision=precision)
+            for r in ATTN_BACKEND_RULES
+            if r.broken(attn_backend, precision, device_type)]
 
 
 def _cuda_version_text(v) -> str:
@@ -457,7 +477,7 @@ def cls_rows(layout: Layout, device) -> torch.Tensor:
     return idx[0] if len(idx) == 1 else torch.cat(idx)
 
 
-__all__ = ["ALL_ATTN_BACKENDS", "FLEX_EAGER_MAX_TOKENS", "PackedBlock",
-           "attn_backend_flag_errors", "check_attn_backend", "check_flex_tokens",
+__all__ = ["ALL_ATTN_BACKENDS", "ATTN_BACKEND_RULES", "AttnBackendRule", "FLEX_EAGER_MAX_TOKENS",
+           "PackedBlock", "attn_backend_flag_errors", "check_attn_backend", "check_flex_tokens",
            "check_xformers_ops", "cls_rows", "draw_drop_path_coins", "draw_subsets",
            "flex_block_mask", "flex_runs_compiled", "packed_attention", "prepare_groups"]
