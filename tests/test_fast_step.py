@@ -110,6 +110,30 @@ def test_eager_step_runs_the_heads_on_the_masked_rows_only(tmp_path):
     assert sorted(rows) == sorted(t_rows + s_rows), (rows, ng, B, n)
 
 
+def test_eager_step_cuts_the_last_student_block_to_the_read_rows(tmp_path):
+    """The student's last block computes its MLP on the rows the head reads only ([CLS] of
+    every crop + the masked patch rows); the other blocks, and the teacher's, on every token."""
+    fast = Trainer(fast_args(tmp_path, "--precision", "fp64"))
+    images, _, masks = next(iter(fast.loader))
+    seen = {}
+    hooks = [blk.mlp.register_forward_hook(
+        lambda m, i, o, key=(net, k): seen.setdefault(key, []).append(i[0].shape[0]))
+        for net, bb in (("student", fast.student_without_ddp.backbone),
+                        ("teacher", fast.teacher.backbone))
+        for k, blk in enumerate(bb.blocks)]
+    try:
+        fast.train_step([im.double() for im in images], masks, 1, fast.iters_per_epoch)
+    finally:
+        for h in hooks:
+            h.remove()
+    B, last = images[0].shape[0], len(fast.teacher.backbone.blocks) - 1
+    tokens = sum(im.shape[0] * (1 + (im.shape[-1] // 8) ** 2) for im in images)  # 8-px patches
+    assert seen[("student", last)] == [len(images) * B + masks.n_valid_host]
+    assert all(seen[("student", k)] == [tokens] for k in range(last))
+    g_tokens = len(masks) * B * (1 + (images[0].shape[-1] // 8) ** 2)
+    assert all(seen[("teacher", k)] == [g_tokens] for k in range(last + 1))
+
+
 def test_patch_token_rows_by_hand():
     # N = 4 patches per crop: flat patch index 6 is token 2 of image 1 -> row 1*5 + 1 + 2 = 8
     idx = torch.tensor([0, 3, 4, 6, 11])

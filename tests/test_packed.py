@@ -40,6 +40,29 @@ def test_packed_blocks_equal_separate_passes():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_packed_block_on_read_rows_equals_its_full_output_at_those_rows():
+    """forward_rows(x, rows, coins) is forward(x, coins)[rows] (fp64; with drop-path coins,
+    some dropped; rows unsorted, as the head's [CLS]-then-patch order), and backward through
+    it gives the same gradients as through the full output's rows."""
+    torch.manual_seed(0)
+    blk = _vit(drop_path=0.3).blocks[2]
+    layout = ((2, 5), (3, 2))
+    x = torch.randn(16, 128, dtype=torch.float64, requires_grad=True)
+    coins = [[torch.tensor([1.0, 0.0], dtype=torch.float64).view(2, 1, 1),
+              torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64).view(3, 1, 1)],
+             [torch.tensor([1.0, 1.0], dtype=torch.float64).view(2, 1, 1),
+              torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64).view(3, 1, 1)]]
+    rows = torch.tensor([0, 5, 10, 12, 14, 3, 7, 15])
+    pb = PackedBlock(blk, layout=layout, attn_backend="sdpa")
+    got = pb.forward_rows(x, rows, coins)
+    want = pb(x, coins)[rows]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(got)
+    (gx_got,) = torch.autograd.grad(got, x, g)
+    (gx_want,) = torch.autograd.grad(want, x, g)
+    torch.testing.assert_close(gx_got, gx_want, rtol=1e-12, atol=1e-12)
+
+
 def test_flex_document_mask_forward_equals_math():
     """flex_attention's document mask over a packed stream (forward only: no CPU backward)."""
     torch.manual_seed(0)

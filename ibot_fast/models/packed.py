@@ -448,6 +448,28 @@ class PackedBlock(nn.Module):
                         .reshape(b * t, D))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
+    def forward_rows(self, x, rows, coins=None):
+        """``forward(x, coins)[rows]``, computing only those rows after the attention: every
+        token is a key and value (so the attention runs on all of them), but the output
+        projection, both residuals, ``norm2`` and the MLP act row by row, so the rows nobody
+        reads (a student's unmasked patch tokens, which no loss term sees) are left out. Each
+        computed row goes through the same operations as in :meth:`forward`."""
+        blk, layout = self.block, self.layout
+        a = blk.attn
+        o = packed_attention(a.qkv(blk.norm1(x)), layout, a.num_heads, a.scale,
+                             self.attn_backend)                    # [R, D], before proj
+        x = x.index_select(0, rows)                                # [S, D]
+        factors = None
+        if coins is not None:
+            factors = [_per_token(c, layout).index_select(0, rows) for c in coins]
+        for k, branch in enumerate((lambda v: a.proj(o.index_select(0, rows)),
+                                    lambda v: blk.mlp(blk.norm2(v)))):
+            y = branch(x)
+            if factors is not None:
+                y = y.div(1.0 - _drop_rate(blk)) * factors[k]
+            x = x + y
+        return x
+
     def forward(self, x, coins=None, subsets=None):
         x = self._residual(x, self._attn_branch, None if coins is None else coins[0],
                            None if subsets is None else subsets[0])
