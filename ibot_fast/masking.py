@@ -644,11 +644,11 @@ class MaskBatch(list):
     ``valid_M``     bool [M]: ``True`` exactly for the first ``n_valid`` rows.
     ``weight_M``    float32 [M] (:meth:`weights` for fp64): ``1 / (count_cb * B * C)`` for a
                     masked token of image (c, b) with ``count_cb`` masked tokens, 0 for
-                    padding. Then
-                    ``sum_r weight_M[r] * ce[idx_M[r]]`` is exactly the reference's patch loss
-                    before ``lambda2``: per image the mean over its masked tokens, averaged over
-                    all B images (an image without masked tokens contributes 0 but counts in B)
-                    and over the C views. The weights of an image sum to 1/(B*C).
+                    padding. Then ``sum_r weight_M[r] * ce[idx_M[r]]`` is exactly the
+                    reference's patch loss before ``lambda2``: per image the mean over its
+                    masked tokens, averaged over all B images (an image without masked tokens
+                    contributes 0 but counts in B) and over the C views. The weights of an
+                    image sum to 1/(B*C).
     ``counts_CB``   int32 [C, B]: masked tokens per image.
     ``n_valid``     int64 0-dim tensor on the same device (no host sync to read it lazily).
     ``n_valid_host`` the same count as a Python int when the batch was built on the CPU (the

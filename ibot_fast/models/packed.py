@@ -413,24 +413,29 @@ class PackedBlock(nn.Module):
         self.layout = tuple(layout)
         self.attn_backend = attn_backend
 
+    def _attention(self, x, layout):
+        """The attention branch before its output projection: ``[R, D]``."""
+        a = self.block.attn
+        return packed_attention(a.qkv(self.block.norm1(x)), layout, a.num_heads, a.scale,
+                                self.attn_backend)
+
     def _attn_branch(self, x, layout):
-        blk = self.block
-        a = blk.attn
-        qkv = a.qkv(blk.norm1(x))
-        return a.proj(packed_attention(qkv, layout, a.num_heads, a.scale, self.attn_backend))
+        return self.block.attn.proj(self._attention(x, layout))
 
     def _mlp_branch(self, x, layout):
         return self.block.mlp(self.block.norm2(x))
+
+    def _dropped(self, y, factor):
+        """The reference's drop_path on a branch output: y / keep_prob * coin (``factor``: the
+        per-token coins, ``[R, 1]``), elementwise in the same order; None: no drop path."""
+        return y if factor is None else y.div(1.0 - _drop_rate(self.block)) * factor
 
     def _residual(self, x, branch, coins_g, subsets_g):
         layout = self.layout
         if subsets_g is not None:
             return self._subset_residual(x, branch, subsets_g)
-        y = branch(x, layout)
-        if coins_g is not None:
-            # the reference's drop_path: x / keep_prob * coin, elementwise in the same order
-            y = y.div(1.0 - _drop_rate(self.block)) * _per_token(coins_g, layout)
-        return x + y
+        factor = None if coins_g is None else _per_token(coins_g, layout)
+        return x + self._dropped(branch(x, layout), factor)
 
     def _subset_residual(self, x, branch, subsets_g):
         layout = self.layout
@@ -454,21 +459,13 @@ class PackedBlock(nn.Module):
         projection, both residuals, ``norm2`` and the MLP act row by row, so the rows nobody
         reads (a student's unmasked patch tokens, which no loss term sees) are left out. Each
         computed row goes through the same operations as in :meth:`forward`."""
-        blk, layout = self.block, self.layout
-        a = blk.attn
-        o = packed_attention(a.qkv(blk.norm1(x)), layout, a.num_heads, a.scale,
-                             self.attn_backend)                    # [R, D], before proj
-        x = x.index_select(0, rows)                                # [S, D]
-        factors = None
+        o = self._attention(x, self.layout).index_select(0, rows)  # [S, D], before proj
+        f_attn = f_mlp = None
         if coins is not None:
-            factors = [_per_token(c, layout).index_select(0, rows) for c in coins]
-        for k, branch in enumerate((lambda v: a.proj(o.index_select(0, rows)),
-                                    lambda v: blk.mlp(blk.norm2(v)))):
-            y = branch(x)
-            if factors is not None:
-                y = y.div(1.0 - _drop_rate(blk)) * factors[k]
-            x = x + y
-        return x
+            f_attn, f_mlp = (_per_token(c, self.layout).index_select(0, rows) for c in coins)
+        x = x.index_select(0, rows)
+        x = x + self._dropped(self.block.attn.proj(o), f_attn)
+        return x + self._dropped(self._mlp_branch(x, None), f_mlp)
 
     def forward(self, x, coins=None, subsets=None):
         x = self._residual(x, self._attn_branch, None if coins is None else coins[0],
